@@ -1,0 +1,70 @@
+"""Evaluate a checkpoint on a split of its dataset; log metrics and a confusion matrix to MLflow.
+
+    python jobs/evaluate.py models:/fmnist-classifier/1 --split test
+    python jobs/evaluate.py runs/<run-name>/checkpoint_.../checkpoint --split val
+
+On a cluster: ``ray job submit --working-dir . -- python jobs/evaluate.py SOURCE`` (the
+evaluation itself runs in the job's driver process).
+
+The evaluation is logged as a run of its own, nested under the training run that made the
+checkpoint (when that run is known).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from pretrainlab.data.errors import DatasetError
+from pretrainlab.tracking.mlflow import (
+    TrackingError,
+    check_tracking,
+    client_for,
+    ensure_experiment,
+    log_evaluation,
+    resolve_tracking_uri,
+)
+from pretrainlab.train.checkpoint import CheckpointError
+from pretrainlab.train.evaluate import evaluate_checkpoint
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="checkpoint folder, models:/NAME@alias, models:/NAME/VERSION or runs:/ID/path")
+    parser.add_argument("--split", default="test", help="dataset split to evaluate (default: test)")
+    parser.add_argument("--data", help="prepared dataset folder (default: the one in the checkpoint's config)")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--no-mlflow", action="store_true", help="print the metrics only")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tracking_uri = resolve_tracking_uri()
+    try:
+        if not args.no_mlflow or args.source.startswith(("models:/", "runs:/")):
+            check_tracking(tracking_uri)
+        evaluation = evaluate_checkpoint(args.source, args.split, args.data, args.batch_size)
+    except (TrackingError, CheckpointError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    meta = evaluation.meta
+    print(f"{args.source} on {args.split}: " + "  ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items()))
+    if args.no_mlflow:
+        return 0
+
+    client = client_for(tracking_uri)
+    experiment_id = ensure_experiment(client, meta["config"]["runtime"]["experiment"])
+    tags = {"pretrainlab.evaluated": args.source, "pretrainlab.split": args.split}
+    if meta.get("mlflow_run_id"):
+        tags["mlflow.parentRunId"] = meta["mlflow_run_id"]
+    run = client.create_run(experiment_id, run_name=f"evaluate-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
+    log_evaluation(client, run.info.run_id, evaluation)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    print(f"logged to MLflow run {run.info.run_id} (store {tracking_uri})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Analysis tools: plots and tables about models, data and runs."""

@@ -1,0 +1,285 @@
+"""Typed experiment configuration: YAML files with ``_base_`` inheritance and ``--set`` overrides.
+
+A config file is a YAML mapping validated against :class:`ExperimentConfig`. It may name
+one or more base files under ``_base_`` (paths relative to the file); bases are merged in
+order, later ones win, and the file itself wins over all of them. Mappings merge key by
+key; any other value (lists included) replaces the inherited one. Overrides given as
+``a.b=c`` are applied last, their values parsed as YAML scalars.
+
+Every section forbids unknown keys, so a typo fails with the key's name and the valid
+keys rather than being silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BASE_KEY = "_base_"
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid; the message names the file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Backbone from timm (created headless) and the head on top of it."""
+
+    backbone: str = "resnet18"
+    backbone_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for timm.create_model (e.g. img_size, patch_size)."
+    )
+    small_input: bool = Field(
+        False, description="CIFAR-style stem for ResNet-like CNNs: 3x3 stride-1 first conv, no max-pool."
+    )
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class AugmentConfig(_Section):
+    """Batch augmentations applied on the training worker."""
+
+    random_crop_padding: int = Field(0, ge=0, description="Pad by this many pixels, then crop back at random.")
+    horizontal_flip: bool = False
+
+
+class DataConfig(_Section):
+    """Which prepared dataset to read and how to normalise it."""
+
+    dataset: str = Field("fmnist", description="A built-in dataset name or the path of a prepared shard folder.")
+    root: str = Field("data", description="Where built-in datasets are converted to (relative to PRETRAINLAB_HOME).")
+    image_size: int | None = Field(None, gt=0, description="Resize to this size; null keeps the stored size.")
+    mean: list[float] = Field(default_factory=lambda: [0.5])
+    std: list[float] = Field(default_factory=lambda: [0.5])
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    materialize: bool = Field(
+        True,
+        description="Read the shards once into Ray's object store; false streams them from Parquet every epoch "
+        "(then leave CPUs free for Ray Data's read tasks).",
+    )
+
+    @model_validator(mode="after")
+    def _mean_std_match(self) -> DataConfig:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+
+class OptimConfig(_Section):
+    """Optimizer and its hyperparameters."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    weight_decay: float = Field(5e-5, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleConfig(_Section):
+    """Learning-rate schedule, updated every iteration."""
+
+    name: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_start_factor: float = Field(0.01, gt=0, le=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class CheckpointConfig(_Section):
+    """How many checkpoints to keep and which metric ranks them."""
+
+    num_to_keep: int = Field(2, ge=1)
+    score_metric: str = "val/top1"
+    score_mode: Literal["max", "min"] = "max"
+
+
+class TrainConfig(_Section):
+    """Epochs, batch size and the Ray Train worker group."""
+
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(128, ge=1, description="Per worker; the global batch is batch_size x num_workers.")
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs each worker holds; torch uses as many threads.")
+    use_gpu: bool | Literal["auto"] = "auto"
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts allowed; -1 retries forever.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    storage_path: str = Field("runs", description="Ray Train storage (relative to PRETRAINLAB_HOME or a URI).")
+    log_every_n_steps: int = Field(10, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+
+
+class RuntimeConfig(_Section):
+    """Seed and tracking."""
+
+    seed: int = 0
+    experiment: str = "pretrainlab"
+    tracking_uri: str | None = Field(
+        None, description="null: $MLFLOW_TRACKING_URI, else sqlite:///$PRETRAINLAB_HOME/mlflow.db."
+    )
+    registered_model: str | None = Field(None, description="Register the final checkpoint under this model name.")
+
+
+class ExperimentConfig(_Section):
+    """A whole experiment; the YAML files under configs/ are instances of this."""
+
+    name: str
+    strategy: Literal["supervised"] = "supervised"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_plain(cls, value: str) -> str:
+        if not value or any(c in value for c in "/\\ "):
+            raise ValueError("name must be non-empty, without spaces or slashes")
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain JSON-compatible data."""
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, str]:
+        """Dotted keys to string values, as logged to MLflow params."""
+        return flatten(self.to_dict())
+
+    def digest(self) -> str:
+        """A short stable hash of the resolved config."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested mappings to ``{"a.b": "value"}``; leaves are JSON-encoded unless strings."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, path + "."))
+        else:
+            flat[path] = value if isinstance(value, str) else json.dumps(value)
+    return flat
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``update`` into a copy of ``base``: mappings merge, anything else replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def read_yaml_tree(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config and its ``_base_`` files into one merged mapping (not yet validated)."""
+    path = Path(path).resolve()
+    if path in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path))
+        raise ConfigError(f"{path}: _base_ cycle: {cycle}")
+    if not path.is_file():
+        where = f" (named in _base_ of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"config file not found: {path}{where}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
+    bases = data.pop(BASE_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: {BASE_KEY} must be a path or a list of paths")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = merge(merged, read_yaml_tree(path.parent / base, (*_chain, path)))
+    return merge(merged, data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides (values parsed as YAML) to a copy of ``data``."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=0.05")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"override {item!r}: {where} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _model_for(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = ExperimentConfig
+    for part in path:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        section = _model_for(loc[:-1])
+        valid = ", ".join(section.model_fields) if section else "?"
+        return f"{key}: unknown key; valid keys here: {valid}"
+    return f"{key}: {err['msg']} (got {err.get('input')!r})"
+
+
+def validate(data: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Validate merged config data, turning pydantic errors into one readable :class:`ConfigError`."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        lines = [_describe(e) for e in err.errors()]
+        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML config with its bases, apply ``--set`` overrides and validate.
+
+    Args:
+        path: The YAML file.
+        overrides: ``KEY=VALUE`` strings with dotted keys, applied last.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: The file, a base, a key or a value is invalid; the message says which.
+    """
+    data = apply_overrides(read_yaml_tree(path), overrides or [])
+    return validate(data, source=str(path))

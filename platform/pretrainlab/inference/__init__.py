@@ -1,0 +1,1 @@
+"""Loading trained models and running them on images."""

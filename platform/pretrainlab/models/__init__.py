@@ -1,0 +1,1 @@
+"""Backbones (from timm, headless) and the heads PretrainLab puts on them."""

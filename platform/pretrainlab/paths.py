@@ -1,0 +1,31 @@
+"""Where PretrainLab keeps data, runs and the default MLflow store.
+
+Relative paths in a config are resolved against ``PRETRAINLAB_HOME`` (default: the
+current directory). Jobs submitted with ``ray job submit --working-dir .`` run in a copy
+of the project, so the README passes the real project folder in ``PRETRAINLAB_HOME``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HOME_ENV = "PRETRAINLAB_HOME"
+
+
+def project_home() -> Path:
+    """The folder that relative data, run and tracking paths are resolved against."""
+    return Path(os.environ.get(HOME_ENV) or os.getcwd()).resolve()
+
+
+def is_uri(path: str) -> bool:
+    """True for ``scheme://...`` locations such as ``s3://bucket/x``."""
+    return "://" in path
+
+
+def resolve(path: str | os.PathLike) -> str:
+    """An absolute path (or an untouched URI) for ``path``, relative to :func:`project_home`."""
+    text = os.fspath(path)
+    if is_uri(text):
+        return text
+    return str((project_home() / Path(text).expanduser()).resolve())

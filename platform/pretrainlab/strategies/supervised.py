@@ -1,0 +1,40 @@
+"""Supervised classification: headless timm backbone + linear head, cross-entropy with label smoothing."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrainlab.config import ExperimentConfig
+from pretrainlab.models.backbones import create_backbone, feature_dim
+from pretrainlab.models.heads import LinearClsHead
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over the batch, with label smoothing."""
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
+class ImageClassifier(nn.Module):
+    """Backbone + head; ``forward(batch)`` returns logits and, when labels are given, the loss."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = self.head(self.backbone(batch["image"]))
+        out = {"logits": logits}
+        if "label" in batch:
+            out["loss"] = classification_loss(logits, batch["label"], self.label_smoothing)
+        return out
+
+
+def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int) -> ImageClassifier:
+    """The classifier described by ``cfg.model`` for ``num_classes`` classes."""
+    backbone = create_backbone(cfg.model, in_chans)
+    head = LinearClsHead(feature_dim(backbone), num_classes, cfg.model.head_dropout)
+    return ImageClassifier(backbone, head, cfg.model.label_smoothing)

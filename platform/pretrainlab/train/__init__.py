@@ -1,0 +1,1 @@
+"""The Ray Train loop, its checkpoints, schedules and evaluation."""

@@ -1,0 +1,128 @@
+"""PretrainLab checkpoints: safe to load, written atomically, verified on read.
+
+A checkpoint is a folder holding
+
+- ``model.safetensors``: the model weights (no pickle);
+- ``config.json``: the resolved experiment config, class names, metrics, epoch, step,
+  the MLflow run id and the sha256 of the weights;
+- ``training_state.pt`` (optional): optimizer, scheduler and RNG state, loaded with
+  ``torch.load(weights_only=True)`` so that nothing is unpickled.
+
+The folder is written under a temporary name and renamed into place, so a crash never
+leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "config.json"
+STATE_FILE = "training_state.pt"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or corrupted; the message names the file."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What :func:`load_checkpoint` returns."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    training_state: dict[str, Any] | None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    weights: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    training_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint folder atomically and return its path.
+
+    Args:
+        directory: The final folder; replaced if it exists.
+        weights: Model state dict (tensors only).
+        meta: JSON-serialisable metadata (config, class names, metrics, epoch, step, ...).
+        training_state: Optimizer/scheduler/RNG state, tensors and plain containers only.
+    """
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        if training_state is not None:
+            torch.save(training_state, tmp / STATE_FILE)
+        full_meta = {**meta, "format_version": FORMAT_VERSION, "weights_sha256": _sha256(tmp / WEIGHTS_FILE)}
+        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint folder."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; {Path(directory)} is not a PretrainLab checkpoint")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+
+
+def load_checkpoint(directory: str | os.PathLike, with_training_state: bool = False) -> LoadedCheckpoint:
+    """Load and verify a checkpoint folder.
+
+    Raises:
+        CheckpointError: A file is missing, or the weights do not match their recorded sha256.
+    """
+    path = Path(directory)
+    meta = read_meta(path)
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path}: missing")
+    if _sha256(weights_path) != meta.get("weights_sha256"):
+        raise CheckpointError(f"{weights_path}: sha256 does not match config.json; the checkpoint is corrupted")
+    try:
+        weights = load_file(str(weights_path))
+    except SafetensorError as err:
+        raise CheckpointError(f"{weights_path}: unreadable ({err})") from None
+    state = None
+    if with_training_state:
+        state_path = path / STATE_FILE
+        if not state_path.is_file():
+            raise CheckpointError(f"{state_path}: missing; cannot resume training from this checkpoint")
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for corrupt or unsafe files
+            raise CheckpointError(f"{state_path}: unreadable ({err})") from None
+    return LoadedCheckpoint(path=path, weights=weights, meta=meta, training_state=state)

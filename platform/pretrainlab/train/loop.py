@@ -1,0 +1,190 @@
+"""``train_loop_per_worker``: what each Ray Train worker runs.
+
+Every worker builds the same model, iterates its own shard of the training split, and
+evaluates its shard of the validation split; validation sums are added across workers.
+Rank 0 logs to MLflow and writes the checkpoint that every worker reports at the end of
+each epoch. On restart, ``ray.train.get_checkpoint()`` restores model, optimizer,
+scheduler, epoch, step, RNG state and the MLflow run id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from pretrainlab.config import ExperimentConfig
+from pretrainlab.data.dataset import decode_images
+from pretrainlab.data.transforms import BatchTransform
+from pretrainlab.models.backbones import uses_convolutions
+from pretrainlab.strategies import get_strategy
+from pretrainlab.tracking.mlflow import MetricLogger, client_for
+from pretrainlab.train.checkpoint import load_checkpoint, save_checkpoint
+from pretrainlab.train.evaluate import all_reduce_sums, classification_sums, metrics_from_sums
+from pretrainlab.train.optim import build_optimizer
+from pretrainlab.train.schedule import build_scheduler
+
+SHUFFLE_BUFFER_ROWS = 8192
+
+
+def steps_per_epoch(train_count: int, batch_size: int, num_workers: int) -> int:
+    """Full batches each worker runs per epoch (every worker gets an equal shard, last batch dropped)."""
+    steps = (train_count // num_workers) // batch_size
+    if steps == 0:
+        raise ValueError(
+            f"train split has {train_count} rows: too few for {num_workers} workers x batch_size {batch_size}"
+        )
+    return steps
+
+
+def autocast_for(device: torch.device) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler | None]:
+    """AMP on GPU (bf16 where supported, else fp16 with a grad scaler); full precision on CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext(), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def _batches(shard: Any, batch_size: int, device: torch.device, *, drop_last: bool, seed: int | None = None):
+    """``{"image": uint8 NCHW, "label": int64}`` tensor batches from a Ray Data shard."""
+    shuffle = {"local_shuffle_buffer_size": SHUFFLE_BUFFER_ROWS, "local_shuffle_seed": seed} if seed is not None else {}
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, **shuffle):
+        images = torch.from_numpy(decode_images(batch))
+        labels = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Train one strategy for ``config.train.epochs`` epochs; the entry point given to ``TorchTrainer``.
+
+    Args:
+        loop_config: ``{"config": resolved ExperimentConfig dict, "dataset": {"num_classes",
+            "in_chans", "class_names", "train_count"}, "tracking": {"uri", "run_id"}}``.
+    """
+    cfg = ExperimentConfig.model_validate(loop_config["config"])
+    info = loop_config["dataset"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(cfg.train.cpus_per_worker)
+    torch.manual_seed(cfg.runtime.seed)
+    device = ray.train.torch.get_device()
+
+    model = get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"])
+    channels_last = device.type == "cuda" and uses_convolutions(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim)
+    per_epoch = steps_per_epoch(info["train_count"], cfg.train.batch_size, world)
+    scheduler = build_scheduler(optimizer, cfg.schedule, per_epoch, cfg.train.epochs)
+    autocast, scaler = autocast_for(device)
+
+    start_epoch, step, run_id = 0, 0, loop_config["tracking"]["run_id"]
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as folder:
+            ckpt = load_checkpoint(folder, with_training_state=True)
+        model.load_state_dict(ckpt.weights)
+        optimizer.load_state_dict(ckpt.training_state["optimizer"])
+        scheduler.load_state_dict(ckpt.training_state["scheduler"])
+        if scaler is not None and "scaler" in ckpt.training_state:
+            scaler.load_state_dict(ckpt.training_state["scaler"])
+        torch.set_rng_state(ckpt.training_state["rng"]["torch"])
+        start_epoch, step, run_id = ckpt.meta["epoch"], ckpt.meta["step"], ckpt.meta["mlflow_run_id"]
+        print(f"[rank {rank}] resumed from epoch {start_epoch}, step {step}")
+
+    model = ray.train.torch.prepare_model(model)
+    logger = MetricLogger(client_for(loop_config["tracking"]["uri"]), run_id) if rank == 0 else None
+    train_transform = BatchTransform(cfg.data, train=True)
+    eval_transform = BatchTransform(cfg.data, train=False)
+    global_batch = cfg.train.batch_size * world
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        model.train()
+        epoch_start = window_start = time.perf_counter()
+        window_loss, window_steps = 0.0, 0
+        shard = ray.train.get_dataset_shard("train")
+        for images, labels in _batches(
+            shard, cfg.train.batch_size, device, drop_last=True, seed=cfg.runtime.seed * 100_003 + epoch
+        ):
+            inputs = train_transform(images)
+            if channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                loss = model({"image": inputs, "label": labels})["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+            step += 1
+            window_loss += loss.item()
+            window_steps += 1
+            if logger is not None and step % cfg.train.log_every_n_steps == 0:
+                elapsed = time.perf_counter() - window_start
+                logger.log(
+                    {
+                        "train/loss": window_loss / window_steps,
+                        "train/lr": optimizer.param_groups[0]["lr"],
+                        "train/throughput": window_steps * global_batch / elapsed,
+                    },
+                    step,
+                )
+                window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
+        epoch_time = time.perf_counter() - epoch_start
+
+        model.eval()
+        sums = torch.zeros(4, dtype=torch.float64)
+        with torch.no_grad(), autocast:
+            for images, labels in _batches(
+                ray.train.get_dataset_shard("val"), cfg.train.eval_batch_size, device, drop_last=False
+            ):
+                sums += classification_sums(model({"image": eval_transform(images)})["logits"], labels)
+        val = metrics_from_sums(all_reduce_sums(sums))
+        metrics = {f"val/{k}": v for k, v in val.items()}
+        metrics.update({"epoch": epoch + 1, "step": step, "train/epoch_time_s": epoch_time})
+        if logger is not None:
+            logger.log(metrics, step)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                folder = save_checkpoint(
+                    Path(tmp) / "checkpoint",
+                    _unwrap(model).state_dict(),
+                    meta={
+                        "config": cfg.to_dict(),
+                        "strategy": cfg.strategy,
+                        "class_names": info["class_names"],
+                        "num_classes": info["num_classes"],
+                        "in_chans": info["in_chans"],
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "metrics": metrics,
+                        "mlflow_run_id": run_id,
+                    },
+                    training_state={
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": {"torch": torch.get_rng_state()},
+                        **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+                    },
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,65 @@
+"""Build the ``TorchTrainer`` for an experiment: the one entry point shared by jobs and sweeps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pretrainlab.config import ExperimentConfig
+from pretrainlab.data.catalog import dataset_info
+from pretrainlab.data.dataset import read_split
+from pretrainlab.paths import resolve
+from pretrainlab.train.loop import train_loop_per_worker
+
+TRAIN_SPLITS = ("train", "val")
+
+
+def wants_gpu(cfg: ExperimentConfig) -> bool:
+    """``train.use_gpu``, with ``auto`` meaning: the Ray cluster has GPUs."""
+    if cfg.train.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(cfg.train.use_gpu)
+
+
+def build_trainer(
+    cfg: ExperimentConfig,
+    run_name: str,
+    data_folder: str,
+    tracking: dict[str, str],
+) -> TorchTrainer:
+    """A ``TorchTrainer`` running :func:`train_loop_per_worker` for ``cfg``.
+
+    Args:
+        cfg: The resolved experiment config.
+        run_name: Ray Train run name; reusing a name resumes that run from its storage.
+        data_folder: Prepared dataset folder (see :func:`pretrainlab.data.catalog.dataset_dir`).
+        tracking: ``{"uri": ..., "run_id": ...}`` of the MLflow run the workers log to.
+    """
+    use_gpu = wants_gpu(cfg)
+    datasets = {split: read_split(data_folder, split) for split in TRAIN_SPLITS}
+    if cfg.data.materialize:
+        datasets = {split: ds.materialize() for split, ds in datasets.items()}
+    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    checkpoints = cfg.train.checkpoint
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "dataset": dataset_info(data_folder), "tracking": tracking},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=resolve(cfg.train.storage_path),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=checkpoints.num_to_keep,
+                checkpoint_score_attribute=checkpoints.score_metric,
+                checkpoint_score_order=checkpoints.score_mode,
+            ),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets=datasets,
+    )
+

@@ -1,0 +1,46 @@
+"""Shared fixtures: a real local Ray, a real MLflow sqlite store, a project folder per test."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+sys.path.insert(0, str(REPO / "jobs"))  # the jobs are scripts; tests call their main()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A fresh PRETRAINLAB_HOME with its own MLflow sqlite store; data, runs and artifacts land here."""
+    home = tmp_path / "project"
+    home.mkdir()
+    monkeypatch.setenv("PRETRAINLAB_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
+    return home
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray cluster with 2 CPUs for the tests of one module, shut down afterwards."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,99 @@
+"""The supervised job end to end: 2 Ray Train workers on digits, logged to a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import CONFIGS
+from pretrainlab.tracking.mlflow import RUN_NAME_TAG
+from pretrainlab.train.checkpoint import load_checkpoint
+
+CONFIG = str(CONFIGS / "test-resnet_2xb32_digits.yaml")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray(local_ray):
+    return local_ray
+
+
+def pretrain(*args: str) -> int:
+    import pretrain as job  # jobs/ is on sys.path through conftest
+
+    return job.main([CONFIG, *args])
+
+
+def only_run(client: MlflowClient, experiment: str = "digits"):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_two_workers_two_epochs_tracked_in_mlflow(project, capsys):
+    assert pretrain("--run-name", "digits-e2e", "--set", "train.log_every_n_steps=5") == 0
+    client = MlflowClient()
+    run = only_run(client)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[RUN_NAME_TAG] == "digits-e2e"
+    assert run.data.tags["config.hash"] and run.data.tags["ray.job_id"] and run.data.tags["git.commit"]
+    params = run.data.params
+    assert params["train.num_workers"] == "2" and params["model.backbone"] == "test_resnet"
+    assert params["optim.lr"] == "0.05"
+
+    history = {key: client.get_metric_history(run.info.run_id, key) for key in ("val/top1", "epoch", "train/loss")}
+    assert [m.value for m in history["epoch"]] == [1.0, 2.0]
+    assert len(history["val/top1"]) == 2
+    train_steps = [m.step for m in history["train/loss"]]
+    assert train_steps == sorted(train_steps) and len(train_steps) >= 4
+    assert client.get_metric_history(run.info.run_id, "train/throughput")[-1].value > 0
+    # 10 classes: chance is 10%
+    assert history["val/top1"][-1].value > 60.0, history["val/top1"]
+    assert run.data.metrics["test/top1"] > 60.0
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoint", "config.yaml", "evaluation"} <= artifacts
+    checkpoint_files = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert {"checkpoint/model.safetensors", "checkpoint/config.json"} <= checkpoint_files
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/test")}
+    assert "evaluation/test/confusion_matrix.png" in plots
+
+    versions = client.search_model_versions("name = 'digits-classifier'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
+    import mlflow.artifacts
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/digits-classifier/{versions[0].version}")
+    loaded = load_checkpoint(local)
+    assert loaded.meta["epoch"] == 2 and loaded.meta["mlflow_run_id"] == run.info.run_id
+    assert "finished: test top-1" in capsys.readouterr().out
+
+
+def test_resume_continues_the_same_mlflow_run(project, capsys):
+    assert pretrain("--run-name", "digits-resume", "--set", "train.epochs=1") == 0
+    client = MlflowClient()
+    first = only_run(client)
+    first_steps = [m.step for m in client.get_metric_history(first.info.run_id, "epoch")]
+
+    assert pretrain("--run-name", "digits-resume", "--set", "train.epochs=2") == 0
+    out = capsys.readouterr().out
+    assert "resuming run 'digits-resume'" in out
+    run = only_run(client)
+    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
+    epochs = client.get_metric_history(run.info.run_id, "epoch")
+    assert [m.value for m in epochs] == [1.0, 2.0]  # epoch 1 was not trained again
+    assert epochs[1].step > first_steps[0]
+    assert "train.epochs: 1 -> 2" in run.data.tags["pretrainlab.changed_on_resume"]
+
+
+def test_unreachable_tracking_server_is_named(project, monkeypatch, capsys):
+    from conftest import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert pretrain() == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach the MLflow tracking server at {uri}" in err
+
+
+def test_bad_config_is_reported_without_a_traceback(project, capsys):
+    assert pretrain("--set", "optim.lrr=0.1") == 2
+    assert "optim.lrr: unknown key" in capsys.readouterr().err

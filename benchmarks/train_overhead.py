@@ -1,0 +1,157 @@
+"""Ray Train loop overhead against a plain PyTorch loop, and the distance to the machine's fp32 peak.
+
+    python benchmarks/train_overhead.py [--config configs/resnet18_1xb128_fmnist.yaml] [--steps 60] [--rounds 2]
+
+Same model, data, batch size, augmentation and thread count on both sides; the two are
+run alternately in one process so that load from elsewhere hits both alike. Prints:
+
+- images/s of the Ray Train loop (1 worker, torch threads = the CPUs it holds) over the
+  plain loop: target >= 0.90 on CPU;
+- 2 workers x 1 thread against 1 worker x 2 threads (same global batch);
+- model FLOPs/s of the Ray loop as a fraction of a large fp32 ``torch.mm``'s FLOPs/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pretrainlab.cluster import init_ray
+from pretrainlab.config import ExperimentConfig, load_config
+from pretrainlab.data.catalog import dataset_dir, dataset_info
+from pretrainlab.data.dataset import load_split_numpy
+from pretrainlab.data.shards import load_manifest, raw_classification_table, write_dataset
+from pretrainlab.data.transforms import BatchTransform
+from pretrainlab.strategies import get_strategy
+from pretrainlab.tracking.mlflow import client_for, start_or_resume_run
+from pretrainlab.train.optim import build_optimizer
+from pretrainlab.train.trainer import build_trainer
+
+WINDOW = 10  # steps per throughput window; the first window of each run is warm-up
+
+
+def subset(folder: str, out: Path, train_rows: int, val_rows: int) -> str:
+    """A copy of the first rows of a prepared dataset, so that one epoch is a fixed number of steps."""
+    splits = {}
+    for split, rows in (("train", train_rows), ("val", val_rows)):
+        images, labels = load_split_numpy(folder, split)
+        chosen = images[:rows].transpose(0, 2, 3, 1)
+        splits[split] = raw_classification_table(
+            chosen, labels[:rows], split=split, source_ids=[f"{split}:{i}" for i in range(len(chosen))]
+        )
+    manifest = load_manifest(folder)
+    write_dataset(out, splits, name="bench", task="classification", class_names=manifest["class_names"])
+    return str(out)
+
+
+def plain_loop(cfg: ExperimentConfig, images: np.ndarray, labels: np.ndarray, steps: int, info: dict) -> float:
+    """images/s of a single-process loop over in-memory tensors, after one warm-up window."""
+    torch.set_num_threads(cfg.train.cpus_per_worker * cfg.train.num_workers)
+    torch.manual_seed(cfg.runtime.seed)
+    model = get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"]).train()
+    optimizer = build_optimizer(model, cfg.optim)
+    transform = BatchTransform(cfg.data, train=True)
+    x, y = torch.from_numpy(images), torch.from_numpy(labels)
+    batch = cfg.train.batch_size * cfg.train.num_workers
+    order = torch.randperm(len(x))
+    for step in range(steps):
+        if step == WINDOW:
+            start = time.perf_counter()
+        idx = order[(step * batch) % (len(x) - batch) :][:batch]
+        loss = model({"image": transform(x[idx]), "label": y[idx]})["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return (steps - WINDOW) * batch / (time.perf_counter() - start)
+
+
+def ray_loop(cfg: ExperimentConfig, folder: str, tracking_uri: str, name: str) -> float:
+    """images/s of the Ray Train loop, read back from the throughput it logs, first window dropped."""
+    client = client_for(tracking_uri)
+    run_id, _ = start_or_resume_run(client, "benchmark", name, {})
+    build_trainer(cfg, name, folder, {"uri": tracking_uri, "run_id": run_id}).fit()
+    history = client.get_metric_history(run_id, "train/throughput")
+    return statistics.median(m.value for m in history[1:])
+
+
+def train_flops_per_image(cfg: ExperimentConfig, info: dict, shape: tuple[int, ...]) -> float:
+    """Forward + backward FLOPs of one training image, counted by torch."""
+    model = get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"]).train()
+    batch = {"image": torch.randn(8, *shape), "label": torch.zeros(8, dtype=torch.long)}
+    with FlopCounterMode(display=False) as counter:
+        model(batch)["loss"].backward()
+    return counter.get_total_flops() / 8
+
+
+def matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """fp32 FLOPs/s of a large ``torch.mm`` with ``threads`` threads (best of ``repeats``)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/resnet18_1xb128_fmnist.yaml")
+    parser.add_argument("--steps", type=int, default=60, help="training steps per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of each measurement")
+    args = parser.parse_args(argv)
+
+    base = load_config(args.config, ["train.epochs=1", "train.log_every_n_steps=%d" % WINDOW, "train.max_failures=0"])
+    cpus = base.train.cpus_per_worker * base.train.num_workers
+    one_worker = base.model_copy(update={"train": base.train.model_copy(update={"num_workers": 1, "cpus_per_worker": cpus})})
+    two_workers = base.model_copy(
+        update={
+            "train": base.train.model_copy(
+                update={"num_workers": 2, "cpus_per_worker": max(1, cpus // 2), "batch_size": base.train.batch_size // 2}
+            )
+        }
+    )
+    work = Path(tempfile.mkdtemp(prefix="pretrainlab-bench-"))
+    os.environ["PRETRAINLAB_HOME"] = str(work)
+    tracking_uri = f"sqlite:///{work}/mlflow.db"
+    source = dataset_dir(base)
+    folder = subset(source, work / "subset", args.steps * base.train.batch_size, 512)
+    info = dataset_info(folder)
+    images, labels = load_split_numpy(folder, "train")
+
+    init_ray(num_cpus=cpus)
+    plain, ray_1x, ray_2x = [], [], []
+    for round_ in range(args.rounds):
+        plain.append(plain_loop(one_worker, images, labels, args.steps, info))
+        ray_1x.append(ray_loop(one_worker, folder, tracking_uri, f"ray-1x{cpus}-{round_}"))
+        ray_2x.append(ray_loop(two_workers, folder, tracking_uri, f"ray-2x{cpus // 2}-{round_}"))
+        print(f"round {round_}: plain {plain[-1]:.0f}  ray 1x{cpus} {ray_1x[-1]:.0f}  ray 2x{cpus // 2} {ray_2x[-1]:.0f} img/s", flush=True)
+
+    flops = train_flops_per_image(one_worker, info, images.shape[1:])
+    peak = matmul_peak(cpus)
+    plain_m, ray_1x_m, ray_2x_m = (statistics.median(v) for v in (plain, ray_1x, ray_2x))
+    print(f"\nmodel {base.model.backbone}, batch {base.train.batch_size}, input {tuple(images.shape[1:])}, {cpus} CPU threads")
+    print(f"plain PyTorch loop:            {plain_m:8.1f} img/s")
+    print(f"Ray Train, 1 worker x {cpus} threads: {ray_1x_m:8.1f} img/s   ratio to plain {ray_1x_m / plain_m:.3f} (target >= 0.90)")
+    print(f"Ray Train, 2 workers x {cpus // 2} thread:  {ray_2x_m:8.1f} img/s   ratio 2x{cpus // 2} / 1x{cpus} {ray_2x_m / ray_1x_m:.3f}")
+    print(f"training FLOPs per image {flops / 1e6:.1f} M; Ray loop {ray_1x_m * flops / 1e9:.1f} GFLOP/s")
+    print(f"fp32 matmul peak ({cpus} threads) {peak / 1e9:.1f} GFLOP/s; Ray loop reaches {ray_1x_m * flops / peak:.1%} of it")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

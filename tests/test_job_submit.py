@@ -1,0 +1,140 @@
+"""`ray job submit` end to end: a `ray start --head` cluster and an `mlflow server`, both started here on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import REPO, free_port
+
+BIN = Path(sys.executable).parent
+
+
+def wait_for(url: str, process: subprocess.Popen, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """SIGTERM the process group we started, then SIGKILL whatever is left."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture
+def env(tmp_path):
+    home = tmp_path / "project"
+    home.mkdir()
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "PRETRAINLAB_HOME": str(home),
+    }
+
+
+@pytest.fixture
+def mlflow_server(env, tmp_path):
+    port = free_port()
+    home = Path(env["PRETRAINLAB_HOME"])
+    server = subprocess.Popen(
+        [
+            BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{home}/server.db", "--artifacts-destination", str(home / "artifacts"),
+        ],
+        env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=open(tmp_path / "mlflow.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{uri}/health", server)
+        yield uri
+    finally:
+        stop(server)
+
+
+@pytest.fixture
+def ray_head(env, tmp_path):
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    dashboard = free_port()
+    ports = {
+        "--port": free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(), "--metrics-export-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+    }
+    head = subprocess.Popen(
+        [
+            BIN / "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+            "--num-cpus=2", f"--temp-dir={temp_dir}", *[f"{flag}={port}" for flag, port in ports.items()],
+        ],
+        env=env,
+        stdout=open(tmp_path / "ray-head.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{dashboard}/api/version", head)
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        stop(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_pretrain_on_the_cluster_and_tracks_to_the_server(env, ray_head, mlflow_server):
+    runtime_env = {"env_vars": {"PRETRAINLAB_HOME": env["PRETRAINLAB_HOME"], "MLFLOW_TRACKING_URI": mlflow_server}}
+    submit = subprocess.run(
+        [
+            BIN / "ray", "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
+            "--runtime-env-json", json.dumps(runtime_env), "--",
+            "python", "jobs/pretrain.py", "configs/test-resnet_2xb32_digits.yaml",
+            "--set", "train.epochs=1", "--set", "optim.lr=0.08", "--run-name", "submitted",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = submit.stdout + submit.stderr
+    assert submit.returncode == 0, log[-5000:]
+    assert "succeeded" in log, log[-5000:]
+    assert "run 'submitted' finished" in log
+
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    assert [r.info.run_name for r in runs] == ["submitted"]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.08"
+    assert run.data.tags["ray.submission_id"].startswith("raysubmit_")
+    assert "val/top1" in run.data.metrics and "test/top1" in run.data.metrics
+    assert {"checkpoint", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert [v.run_id for v in client.search_model_versions("name = 'digits-classifier'")] == [run.info.run_id]

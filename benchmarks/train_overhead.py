@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -108,6 +107,11 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def with_train(cfg: ExperimentConfig, **updates) -> ExperimentConfig:
+    """``cfg`` with some ``train`` keys replaced."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=updates)})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/resnet18_1xb128_fmnist.yaml")
@@ -115,20 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of each measurement")
     args = parser.parse_args(argv)
 
-    base = load_config(args.config, ["train.epochs=1", "train.log_every_n_steps=%d" % WINDOW, "train.max_failures=0"])
+    base = load_config(args.config, ["train.epochs=1", f"train.log_every_n_steps={WINDOW}", "train.max_failures=0"])
     cpus = base.train.cpus_per_worker * base.train.num_workers
-    one_worker = base.model_copy(update={"train": base.train.model_copy(update={"num_workers": 1, "cpus_per_worker": cpus})})
-    two_workers = base.model_copy(
-        update={
-            "train": base.train.model_copy(
-                update={"num_workers": 2, "cpus_per_worker": max(1, cpus // 2), "batch_size": base.train.batch_size // 2}
-            )
-        }
-    )
+    half = max(1, cpus // 2)
+    one_worker = with_train(base, num_workers=1, cpus_per_worker=cpus)
+    two_workers = with_train(base, num_workers=2, cpus_per_worker=half, batch_size=base.train.batch_size // 2)
     work = Path(tempfile.mkdtemp(prefix="pretrainlab-bench-"))
+    source = dataset_dir(base)
     os.environ["PRETRAINLAB_HOME"] = str(work)
     tracking_uri = f"sqlite:///{work}/mlflow.db"
-    source = dataset_dir(base)
     folder = subset(source, work / "subset", args.steps * base.train.batch_size, 512)
     info = dataset_info(folder)
     images, labels = load_split_numpy(folder, "train")
@@ -138,18 +137,23 @@ def main(argv: list[str] | None = None) -> int:
     for round_ in range(args.rounds):
         plain.append(plain_loop(one_worker, images, labels, args.steps, info))
         ray_1x.append(ray_loop(one_worker, folder, tracking_uri, f"ray-1x{cpus}-{round_}"))
-        ray_2x.append(ray_loop(two_workers, folder, tracking_uri, f"ray-2x{cpus // 2}-{round_}"))
-        print(f"round {round_}: plain {plain[-1]:.0f}  ray 1x{cpus} {ray_1x[-1]:.0f}  ray 2x{cpus // 2} {ray_2x[-1]:.0f} img/s", flush=True)
+        ray_2x.append(ray_loop(two_workers, folder, tracking_uri, f"ray-2x{half}-{round_}"))
+        print(
+            f"round {round_} img/s: plain {plain[-1]:.0f}, ray 1x{cpus} {ray_1x[-1]:.0f}, ray 2x{half} {ray_2x[-1]:.0f}"
+        )
 
     flops = train_flops_per_image(one_worker, info, images.shape[1:])
     peak = matmul_peak(cpus)
     plain_m, ray_1x_m, ray_2x_m = (statistics.median(v) for v in (plain, ray_1x, ray_2x))
-    print(f"\nmodel {base.model.backbone}, batch {base.train.batch_size}, input {tuple(images.shape[1:])}, {cpus} CPU threads")
-    print(f"plain PyTorch loop:            {plain_m:8.1f} img/s")
-    print(f"Ray Train, 1 worker x {cpus} threads: {ray_1x_m:8.1f} img/s   ratio to plain {ray_1x_m / plain_m:.3f} (target >= 0.90)")
-    print(f"Ray Train, 2 workers x {cpus // 2} thread:  {ray_2x_m:8.1f} img/s   ratio 2x{cpus // 2} / 1x{cpus} {ray_2x_m / ray_1x_m:.3f}")
-    print(f"training FLOPs per image {flops / 1e6:.1f} M; Ray loop {ray_1x_m * flops / 1e9:.1f} GFLOP/s")
-    print(f"fp32 matmul peak ({cpus} threads) {peak / 1e9:.1f} GFLOP/s; Ray loop reaches {ray_1x_m * flops / peak:.1%} of it")
+    shape = tuple(images.shape[1:])
+    print(f"\n{base.model.backbone}, global batch {base.train.batch_size}, input {shape}, {cpus} CPU threads in all")
+    print(f"plain PyTorch loop            {plain_m:7.1f} img/s")
+    print(
+        f"Ray Train 1 worker x {cpus} threads {ray_1x_m:7.1f} img/s  ratio to plain {ray_1x_m / plain_m:.3f} (>= 0.90)"
+    )
+    print(f"Ray Train 2 workers x {half} thread {ray_2x_m:7.1f} img/s  ratio to 1 worker {ray_2x_m / ray_1x_m:.3f}")
+    print(f"training FLOPs/image {flops / 1e6:.1f} M: the Ray loop runs {ray_1x_m * flops / 1e9:.1f} GFLOP/s")
+    print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s: the Ray loop reaches {ray_1x_m * flops / peak:.1%} of it")
     return 0
 
 

@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     tags = {"pretrainlab.evaluated": args.source, "pretrainlab.split": args.split}
     if meta.get("mlflow_run_id"):
         tags["mlflow.parentRunId"] = meta["mlflow_run_id"]
-    run = client.create_run(experiment_id, run_name=f"evaluate-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
+    run = client.create_run(
+        experiment_id, run_name=f"evaluate-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags
+    )
     log_evaluation(client, run.info.run_id, evaluation)
     client.set_terminated(run.info.run_id, "FINISHED")
     print(f"logged to MLflow run {run.info.run_id} (store {tracking_uri})")

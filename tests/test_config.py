@@ -16,10 +16,15 @@ def write(path, data) -> str:
 
 def test_several_bases_merge_in_order_and_the_file_wins(tmp_path):
     (tmp_path / "_base_").mkdir()
-    write(tmp_path / "_base_" / "a.yaml", {"model": {"backbone": "resnet50", "label_smoothing": 0.1}, "optim": {"lr": 1.0}})
+    write(
+        tmp_path / "_base_" / "a.yaml",
+        {"model": {"backbone": "resnet50", "label_smoothing": 0.1}, "optim": {"lr": 1.0}},
+    )
     write(tmp_path / "_base_" / "b.yaml", {"model": {"backbone": "resnet18"}, "train": {"epochs": 3}})
     cfg = load_config(
-        write(tmp_path / "exp.yaml", {"_base_": ["_base_/a.yaml", "_base_/b.yaml"], "name": "exp", "optim": {"lr": 0.5}})
+        write(
+            tmp_path / "exp.yaml", {"_base_": ["_base_/a.yaml", "_base_/b.yaml"], "name": "exp", "optim": {"lr": 0.5}}
+        )
     )
     assert cfg.model.backbone == "resnet18"  # b overrides a
     assert cfg.model.label_smoothing == 0.1  # kept from a: mappings merge key by key
@@ -36,13 +41,17 @@ def test_nested_bases_and_a_single_string_base(tmp_path):
 
 def test_lists_replace_rather_than_merge(tmp_path):
     write(tmp_path / "base.yaml", {"data": {"mean": [0.1, 0.2, 0.3], "std": [1, 1, 1]}})
-    cfg = load_config(write(tmp_path / "x.yaml", {"_base_": "base.yaml", "name": "x", "data": {"mean": [0.5], "std": [2]}}))
+    cfg = load_config(
+        write(tmp_path / "x.yaml", {"_base_": "base.yaml", "name": "x", "data": {"mean": [0.5], "std": [2]}})
+    )
     assert cfg.data.mean == [0.5] and cfg.data.std == [2.0]
 
 
 def test_overrides_are_typed_and_applied_last(tmp_path):
     path = write(tmp_path / "x.yaml", {"name": "x", "optim": {"lr": 0.1}})
-    cfg = load_config(path, ["optim.lr=0.05", "train.epochs=4", "data.augment.horizontal_flip=true", "optim.name=adamw"])
+    cfg = load_config(
+        path, ["optim.lr=0.05", "train.epochs=4", "data.augment.horizontal_flip=true", "optim.name=adamw"]
+    )
     assert cfg.optim.lr == 0.05 and isinstance(cfg.optim.lr, float)
     assert cfg.train.epochs == 4 and cfg.data.augment.horizontal_flip is True and cfg.optim.name == "adamw"
 

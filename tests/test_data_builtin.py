@@ -100,7 +100,9 @@ def test_truncated_idx_file_is_named(tmp_path, fmnist_source):
         data = f.read()
     with gzip.open(labels, "wb") as f:
         f.write(data[:-10])
-    with pytest.raises(DatasetError, match=r"train-labels-idx1-ubyte.gz: payload is 290 bytes .* needs 300 \(truncated\)"):
+    with pytest.raises(
+        DatasetError, match=r"train-labels-idx1-ubyte.gz: payload is 290 bytes .* needs 300 \(truncated\)"
+    ):
         prepare_builtin("fmnist", tmp_path / "out", source_dir=str(fmnist_source))
     labels.write_bytes(labels.read_bytes()[:-20])  # a cut gzip stream
     with pytest.raises(DatasetError, match="train-labels-idx1-ubyte.gz: cannot read"):
@@ -134,7 +136,9 @@ def test_missing_fmnist_files_say_how_to_install(tmp_path):
     partial.mkdir()
     _write_idx(partial / "train-images-idx3-ubyte.gz", np.zeros((1, 28, 28)))
     _write_idx(partial / "train-labels-idx1-ubyte.gz", np.zeros(1))
-    with pytest.raises(DatasetError, match="t10k-images-idx3-ubyte.gz: not found.*apt-get install dataset-fashion-mnist"):
+    with pytest.raises(
+        DatasetError, match="t10k-images-idx3-ubyte.gz: not found.*apt-get install dataset-fashion-mnist"
+    ):
         prepare_builtin("fmnist", tmp_path / "out", source_dir=str(partial))
 
 
@@ -142,7 +146,10 @@ def test_real_fashion_mnist(tmp_path):
     path = prepare_builtin("fmnist", tmp_path)
     manifest = load_manifest(path)
     assert {split: entry["count"] for split, entry in manifest["splits"].items()} == {
-        "train": 55000, "val": 5000, "test": 10000}
+        "train": 55000,
+        "val": 5000,
+        "test": 10000,
+    }
     assert manifest["metadata"]["source"] == FASHION_MNIST_DIR
     _, labels = load_split_numpy(path, "test")
     assert np.bincount(labels).tolist() == [1000] * 10

@@ -4,7 +4,6 @@ import io
 import os
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import ray
 from PIL import Image
@@ -31,8 +30,9 @@ def dataset(tmp_path_factory):
     images = np.random.default_rng(0).integers(0, 256, (N, 6, 5, 3), dtype=np.uint8)
     table = raw_classification_table(images, np.arange(N), split="train", source_ids=[f"t:{i}" for i in range(N)])
     out = tmp_path_factory.mktemp("data") / "toy"
-    write_dataset(out, {"train": table}, name="toy", task="classification",
-                  class_names=[str(i) for i in range(N)], shard_size=10)
+    write_dataset(
+        out, {"train": table}, name="toy", task="classification", class_names=[str(i) for i in range(N)], shard_size=10
+    )
     return out, images.transpose(0, 3, 1, 2)
 
 

@@ -26,8 +26,15 @@ def _table(n: int, split: str = "train", seed: int = 0) -> pa.Table:
 
 def _write(out, shard_size: int = 4, **splits: pa.Table) -> dict:
     splits = splits or {"train": _table(10), "val": _table(3, "val", seed=1)}
-    return write_dataset(out, splits, name="toy", task="classification", class_names=["a", "b", "c"],
-                         shard_size=shard_size, metadata={"seed": 7})
+    return write_dataset(
+        out,
+        splits,
+        name="toy",
+        task="classification",
+        class_names=["a", "b", "c"],
+        shard_size=shard_size,
+        metadata={"seed": 7},
+    )
 
 
 def test_round_trip_keeps_rows(tmp_path):
@@ -69,7 +76,10 @@ def test_rewrite_replaces_dataset_and_leaves_no_temporaries(tmp_path):
     _write(tmp_path / "ds", shard_size=100)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
     assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [
-        "manifest.json", "train-00000.parquet", "val-00000.parquet"]
+        "manifest.json",
+        "train-00000.parquet",
+        "val-00000.parquet",
+    ]
 
 
 def test_refuses_to_replace_a_folder_that_is_not_a_dataset(tmp_path):
@@ -84,7 +94,7 @@ def test_corrupted_shard_is_named(tmp_path):
     _write(tmp_path / "ds")
     shard = tmp_path / "ds" / "train-00001.parquet"
     data = bytearray(shard.read_bytes())
-    data[len(data) // 2: len(data) // 2 + 8] = b"\xff" * 8
+    data[len(data) // 2 : len(data) // 2 + 8] = b"\xff" * 8
     shard.write_bytes(bytes(data))
     with pytest.raises(DatasetError, match="train-00001.parquet"):
         verify_dataset(tmp_path / "ds")
@@ -144,7 +154,9 @@ def test_lossless_casts_and_column_order_are_accepted(tmp_path):
     columns["split"] = columns["split"].cast(pa.large_string())
     _write(tmp_path / "a", train=pa.table(columns))
     _write(tmp_path / "b", train=table)
-    assert (tmp_path / "a" / "train-00000.parquet").read_bytes() == (tmp_path / "b" / "train-00000.parquet").read_bytes()
+    assert (tmp_path / "a" / "train-00000.parquet").read_bytes() == (
+        tmp_path / "b" / "train-00000.parquet"
+    ).read_bytes()
 
 
 def test_bad_rows_are_named(tmp_path):

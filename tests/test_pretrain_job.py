@@ -66,6 +66,23 @@ def test_two_workers_two_epochs_tracked_in_mlflow(project, capsys):
     assert loaded.meta["epoch"] == 2 and loaded.meta["mlflow_run_id"] == run.info.run_id
     assert "finished: test top-1" in capsys.readouterr().out
 
+    # jobs/evaluate.py on the registered version: same test metrics, logged as a nested run
+    import evaluate as evaluate_job
+
+    assert evaluate_job.main([f"models:/digits-classifier/{versions[0].version}", "--split", "test"]) == 0
+    child = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"
+    )
+    assert len(child) == 1
+    assert child[0].data.metrics["test/top1"] == pytest.approx(run.data.metrics["test/top1"])
+    assert "evaluation/test/confusion_matrix.csv" in {
+        a.path for a in client.list_artifacts(child[0].info.run_id, "evaluation/test")
+    }
+    assert evaluate_job.main([local, "--split", "val", "--no-mlflow"]) == 0
+    assert "on val: loss" in capsys.readouterr().out
+    assert evaluate_job.main([str(project / "nowhere")]) == 2
+    assert "no such checkpoint folder" in capsys.readouterr().err
+
 
 def test_resume_continues_the_same_mlflow_run(project, capsys):
     assert pretrain("--run-name", "digits-resume", "--set", "train.epochs=1") == 0

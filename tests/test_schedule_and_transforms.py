@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -21,7 +22,7 @@ def test_warmup_then_cosine_to_min():
     assert lr_factor(55, total, warmup, cfg) == pytest.approx(0.01 + 0.99 * 0.5)
     assert lr_factor(100, total, warmup, cfg) == pytest.approx(0.01)
     values = [lr_factor(s, total, warmup, cfg) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_scheduler_steps_per_iteration():
@@ -47,7 +48,7 @@ def test_random_crop_keeps_pixels_and_shifts_within_padding():
     generator = torch.Generator().manual_seed(0)
     cropped = random_crop(images, 2, generator)
     assert cropped.shape == images.shape
-    for original, crop in zip(images, cropped):
+    for original, crop in zip(images, cropped, strict=True):
         inside = crop[crop > 0]
         assert set(inside.tolist()) <= set(original.flatten().tolist())
         assert inside.numel() >= 4 * 4  # at most 2 rows and 2 columns are padding

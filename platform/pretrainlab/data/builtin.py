@@ -104,9 +104,7 @@ BUILTIN_DATASETS: dict[str, Callable[[int, str | None], Converted]] = {
 }
 
 
-def prepare_builtin(
-    name: str, root: str | os.PathLike, *, seed: int = 0, source_dir: str | None = None
-) -> Path:
+def prepare_builtin(name: str, root: str | os.PathLike, *, seed: int = 0, source_dir: str | None = None) -> Path:
     """Converts a built-in dataset to ``root/name`` unless an intact copy is already there.
 
     An existing copy is kept when its shards verify and its manifest records the same
@@ -168,16 +166,14 @@ def stratified_split(labels: np.ndarray, fractions: Mapping[str, float], seed: i
         relative_rank[members] = (np.arange(len(members)) + 0.5) / len(members)
     ranked = order[np.argsort(relative_rank[order], kind="stable")]
     cuts = np.rint(np.cumsum(list(fractions.values()))[:-1] * len(labels)).astype(int)
-    return {split: np.sort(part) for split, part in zip(fractions, np.split(ranked, cuts))}
+    return {split: np.sort(part) for split, part in zip(fractions, np.split(ranked, cuts), strict=True)}
 
 
 def _fashion_mnist_part(directory: Path, prefix: str) -> tuple[np.ndarray, np.ndarray, str]:
     images_file, labels_file = f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"
     images, labels = read_idx(directory / images_file), read_idx(directory / labels_file)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise DatasetError(
-            f"{directory / images_file}: expected uint8 N x H x W, got {images.dtype} {images.shape}"
-        )
+        raise DatasetError(f"{directory / images_file}: expected uint8 N x H x W, got {images.dtype} {images.shape}")
     if labels.shape != images.shape[:1] or labels.dtype != np.uint8:
         raise DatasetError(
             f"{directory / labels_file}: expected {len(images)} uint8 labels (one per image in "

@@ -68,7 +68,7 @@ def decode_images(batch: dict[str, np.ndarray]) -> np.ndarray:
         )
     h, w, c = shapes[0].tolist()
     out = np.empty((len(images), h, w, c), np.uint8)
-    for i, (data, image_format) in enumerate(zip(images, batch["image_format"])):
+    for i, (data, image_format) in enumerate(zip(images, batch["image_format"], strict=True)):
         out[i] = _decode(data, image_format, h, w, c, batch, i)
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
@@ -98,9 +98,7 @@ def load_split_numpy(dataset_dir: str | os.PathLike, split: str) -> tuple[np.nda
     return decode_images(batch), batch["label"].astype(np.int64)
 
 
-def _decode(
-    data: bytes, image_format: str, h: int, w: int, c: int, batch: dict[str, np.ndarray], i: int
-) -> np.ndarray:
+def _decode(data: bytes, image_format: str, h: int, w: int, c: int, batch: dict[str, np.ndarray], i: int) -> np.ndarray:
     if image_format == "raw":
         if len(data) != h * w * c:
             raise DatasetError(f"{_row(batch, i)}: raw image has {len(data)} bytes, not {h}x{w}x{c}")

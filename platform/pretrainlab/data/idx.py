@@ -53,13 +53,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise DatasetError(f"{path}: {len(data)} bytes, too short for an IDX header")
     zero, type_code, ndim = struct.unpack_from(">HBB", data)
     if zero != 0 or ndim == 0:
-        raise DatasetError(
-            f"{path}: bad magic number 0x{data[:4].hex()} (expected 0x0000TTNN: type TT, NN >= 1 dims)"
-        )
+        raise DatasetError(f"{path}: bad magic number 0x{data[:4].hex()} (expected 0x0000TTNN: type TT, NN >= 1 dims)")
     if type_code not in _DTYPES:
         raise DatasetError(
-            f"{path}: unknown IDX type code 0x{type_code:02x} "
-            f"(valid: {', '.join(f'0x{c:02x}' for c in _DTYPES)})"
+            f"{path}: unknown IDX type code 0x{type_code:02x} (valid: {', '.join(f'0x{c:02x}' for c in _DTYPES)})"
         )
     header = 4 + 4 * ndim
     if len(data) < header:

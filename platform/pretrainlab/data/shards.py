@@ -74,9 +74,7 @@ def raw_classification_table(
         The table, ready for ``write_dataset``.
     """
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise DatasetError(
-            f"split {split!r}: images must be uint8 N x H x W x C, got {images.dtype} {images.shape}"
-        )
+        raise DatasetError(f"split {split!r}: images must be uint8 N x H x W x C, got {images.dtype} {images.shape}")
     n, h, w, c = images.shape
     if len(source_ids) != n or (labels is not None and len(labels) != n):
         raise DatasetError(f"split {split!r}: {n} images, but source_ids or labels have another length")
@@ -211,9 +209,7 @@ def shard_paths(dataset_dir: str | os.PathLike, split: str) -> list[str]:
     return [str(root / shard["file"]) for shard in _split_entry(manifest, split, dataset_dir)["shards"]]
 
 
-def verify_dataset(
-    dataset_dir: str | os.PathLike, splits: str | Iterable[str] | None = None
-) -> dict[str, Any]:
+def verify_dataset(dataset_dir: str | os.PathLike, splits: str | Iterable[str] | None = None) -> dict[str, Any]:
     """Checks shards against the manifest: presence, sha256, Parquet footer, row count.
 
     Args:
@@ -251,7 +247,7 @@ def _checked(table: pa.Table, schema: pa.Schema, split: str, num_classes: int) -
     if missing or unexpected:
         raise DatasetError(f"{where}: missing fields {missing}, unexpected or repeated fields {unexpected}")
     columns = [_cast(table.column(field.name), field, where) for field in schema]
-    for field, column in zip(schema, columns):
+    for field, column in zip(schema, columns, strict=True):
         if not field.nullable:
             nulls = column.is_null().to_numpy(zero_copy_only=False)
             _fail_rows(table, split, nulls, f"field {field.name!r} is null")
@@ -296,9 +292,7 @@ def _fail_rows(table: pa.Table, split: str, bad: np.ndarray, problem: str) -> No
     if rows.size:
         row = int(rows[0])
         source = table.column("source_id")[row].as_py() if "source_id" in table.column_names else None
-        raise DatasetError(
-            f"split {split!r} row {row} (source_id {source!r}): {problem} ({rows.size} rows in all)"
-        )
+        raise DatasetError(f"split {split!r} row {row} (source_id {source!r}): {problem} ({rows.size} rows in all)")
 
 
 def _write_split(folder: Path, split: str, table: pa.Table, shard_size: int) -> dict[str, Any]:

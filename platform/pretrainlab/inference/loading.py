@@ -35,7 +35,10 @@ class LoadedModel:
 
 
 def fetch_checkpoint(source: str | os.PathLike, tracking_uri: str | None = None) -> Path:
-    """A local checkpoint folder for ``source``: a folder, ``models:/NAME@alias``, ``models:/NAME/3`` or ``runs:/ID/path``."""
+    """A local checkpoint folder for ``source``.
+
+    ``source`` is a folder, ``models:/NAME@alias``, ``models:/NAME/3`` or ``runs:/ID/path``.
+    """
     text = os.fspath(source)
     if not text.startswith(MLFLOW_SCHEMES):
         path = Path(text)
@@ -49,7 +52,9 @@ def fetch_checkpoint(source: str | os.PathLike, tracking_uri: str | None = None)
         raise CheckpointError(f"{text}: cannot be fetched from the MLflow store at {uri}: {err.message}") from None
 
 
-def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", tracking_uri: str | None = None) -> LoadedModel:
+def load_model(
+    source: str | os.PathLike, device: str | torch.device = "cpu", tracking_uri: str | None = None
+) -> LoadedModel:
     """Build the checkpoint's model from its saved config and load its verified weights."""
     folder = fetch_checkpoint(source, tracking_uri)
     ckpt = load_checkpoint(folder)

@@ -76,4 +76,3 @@ def feature_dim(backbone: nn.Module) -> int:
 def uses_convolutions(backbone: nn.Module) -> bool:
     """Whether channels_last memory format can help this backbone (it has 2-D convolutions)."""
     return any(isinstance(m, nn.Conv2d) for m in backbone.modules()) and not hasattr(backbone, "patch_embed")
-

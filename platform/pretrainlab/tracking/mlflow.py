@@ -113,7 +113,11 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> 
         The changed params as ``{key: (old, new)}`` (empty for a new run).
     """
     logged = client.get_run(run_id).data.params
-    changed = {k: (logged[k], v[:_MAX_PARAM_LENGTH]) for k, v in params.items() if k in logged and logged[k] != v[:_MAX_PARAM_LENGTH]}
+    changed = {
+        k: (logged[k], v[:_MAX_PARAM_LENGTH])
+        for k, v in params.items()
+        if k in logged and logged[k] != v[:_MAX_PARAM_LENGTH]
+    }
     fresh = [Param(k, v[:_MAX_PARAM_LENGTH]) for k, v in params.items() if k not in logged]
     for start in range(0, len(fresh), 100):
         client.log_batch(run_id, params=fresh[start : start + 100])
@@ -151,9 +155,7 @@ def register_checkpoint(
 def log_evaluation(client: MlflowClient, run_id: str, evaluation: Evaluation, step: int | None = None) -> None:
     """Log ``{split}/{metric}`` values and the confusion matrix (PNG + CSV) of an evaluation to a run."""
     prefix = evaluation.split
-    MetricLogger(client, run_id).log(
-        {f"{prefix}/{k}": v for k, v in evaluation.metrics.items()}, step or 0
-    )
+    MetricLogger(client, run_id).log({f"{prefix}/{k}": v for k, v in evaluation.metrics.items()}, step or 0)
     matrix = confusion_matrix.compute(evaluation.labels, evaluation.preds, len(evaluation.class_names))
     with tempfile.TemporaryDirectory() as tmp:
         confusion_matrix.save(matrix, evaluation.class_names, tmp, title=f"{prefix} split")

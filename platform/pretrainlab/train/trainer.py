@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import ray
+from ray.data import DataContext
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -39,6 +38,7 @@ def build_trainer(
         tracking: ``{"uri": ..., "run_id": ...}`` of the MLflow run the workers log to.
     """
     use_gpu = wants_gpu(cfg)
+    DataContext.get_current().enable_progress_bars = False  # keep job logs readable
     datasets = {split: read_split(data_folder, split) for split in TRAIN_SPLITS}
     if cfg.data.materialize:
         datasets = {split: ds.materialize() for split, ds in datasets.items()}
@@ -62,4 +62,3 @@ def build_trainer(
         ),
         datasets=datasets,
     )
-

@@ -1,7 +1,7 @@
 # PretrainLab: `make train` runs the default job, `make test` the test suite.
 # Both set up .venv (and the Fashion-MNIST Debian package) first.
 PY := .venv/bin/python
-CONFIG ?= configs/resnet18_1xb128_fmnist.yaml
+CONFIG ?= configs/resnet10t_1xb128_fmnist.yaml
 
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0

@@ -1,6 +1,6 @@
 """Ray Train loop overhead against a plain PyTorch loop, and the distance to the machine's fp32 peak.
 
-    python benchmarks/train_overhead.py [--config configs/resnet18_1xb128_fmnist.yaml] [--steps 60] [--rounds 2]
+    python benchmarks/train_overhead.py [--config configs/resnet10t_1xb128_fmnist.yaml] [--steps 60] [--rounds 2]
 
 Same model, data, batch size, augmentation and thread count on both sides; the two are
 run alternately in one process so that load from elsewhere hits both alike. Prints:
@@ -114,7 +114,7 @@ def with_train(cfg: ExperimentConfig, **updates) -> ExperimentConfig:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/resnet18_1xb128_fmnist.yaml")
+    parser.add_argument("--config", default="configs/resnet10t_1xb128_fmnist.yaml")
     parser.add_argument("--steps", type=int, default=60, help="training steps per measurement")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of each measurement")
     args = parser.parse_args(argv)

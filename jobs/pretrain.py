@@ -2,14 +2,14 @@
 
 On a local Ray started for the job (the default):
 
-    python jobs/pretrain.py configs/resnet18_1xb128_fmnist.yaml --set optim.lr=0.05
+    python jobs/pretrain.py configs/resnet10t_1xb128_fmnist.yaml --set optim.lr=0.05
 
 On a running cluster (`ray start --head --node-ip-address=127.0.0.1` first):
 
     export RAY_AUTH_MODE=token
     ray job submit --working-dir . \
         --runtime-env-json '{"env_vars": {"PRETRAINLAB_HOME": "'"$PWD"'"}}' \
-        -- python jobs/pretrain.py configs/resnet18_1xb128_fmnist.yaml --set optim.lr=0.05
+        -- python jobs/pretrain.py configs/resnet10t_1xb128_fmnist.yaml --set optim.lr=0.05
 
 Passing ``--run-name`` of an earlier run resumes it from its last checkpoint, in the same
 MLflow run.

@@ -1,11 +1,9 @@
 """Reading shards with a real local Ray, and decoding raw and PNG rows."""
 
 import io
-import os
 
 import numpy as np
 import pytest
-import ray
 from PIL import Image
 
 from pretrainlab.data.dataset import decode_images, load_split_numpy, read_split
@@ -13,15 +11,6 @@ from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.shards import raw_classification_table, write_dataset
 
 N = 24
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -29,20 +30,23 @@ def wait_for(url: str, process: subprocess.Popen, timeout_s: float = 90.0) -> No
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
+        except urllib.error.HTTPError:
+            return  # it answers (Ray's dashboard wants its token: 401)
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
 
 
 def stop(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    """SIGTERM the process group we started, then SIGKILL whatever is left."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
+    """SIGTERM the process we started (it shuts its children down), then SIGKILL anything left in its group."""
+    process.terminate()
     try:
         process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         process.wait()
 
 
@@ -56,6 +60,7 @@ def env(tmp_path):
         "RAY_AUTH_MODE": "token",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5",
         "PRETRAINLAB_HOME": str(home),
     }
 

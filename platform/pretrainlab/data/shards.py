@@ -35,21 +35,65 @@ SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 IMAGE_FORMATS = ("raw", "png", "jpeg")
 
-CLASSIFICATION_SCHEMA = pa.schema(
+IMAGE_FIELDS = [
+    # Encoded PNG/JPEG bytes as-is, or raw uint8 pixels H x W x C row-major.
+    pa.field("image", pa.binary(), nullable=False),
+    pa.field("image_format", pa.string(), nullable=False),  # one of IMAGE_FORMATS
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("channels", pa.int32(), nullable=False),
+]
+ROW_FIELDS = [
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("source_id", pa.string(), nullable=False),  # e.g. "train-images-idx3-ubyte.gz:123"
+]
+_TEXTS = pa.list_(pa.string())
+
+CLASSIFICATION_SCHEMA = pa.schema([*IMAGE_FIELDS, pa.field("label", pa.int32(), nullable=True), *ROW_FIELDS])
+"""One image per row; ``label`` null means unlabelled."""
+
+CAPTION_SCHEMA = pa.schema([*IMAGE_FIELDS, pa.field("captions", _TEXTS, nullable=False), *ROW_FIELDS])
+"""One image per row with all its reference captions."""
+
+RETRIEVAL_SCHEMA = pa.schema(
     [
-        # Encoded PNG/JPEG bytes as-is, or raw uint8 pixels H x W x C row-major.
-        pa.field("image", pa.binary(), nullable=False),
-        pa.field("image_format", pa.string(), nullable=False),  # one of IMAGE_FORMATS
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("width", pa.int32(), nullable=False),
-        pa.field("channels", pa.int32(), nullable=False),
-        pa.field("label", pa.int32(), nullable=True),  # null: unlabelled
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("source_id", pa.string(), nullable=False),  # e.g. "train-images-idx3-ubyte.gz:123"
+        *IMAGE_FIELDS,
+        pa.field("captions", _TEXTS, nullable=False),
+        pa.field("negatives", _TEXTS, nullable=False),  # hard-negative captions; may be empty
+        *ROW_FIELDS,
     ]
 )
+"""One image per row with its matching captions and (possibly no) hard-negative captions."""
 
-SCHEMAS: dict[str, pa.Schema] = {"classification": CLASSIFICATION_SCHEMA}
+VQA_QUESTION = pa.struct(
+    [
+        pa.field("question_id", pa.string(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("answers", _TEXTS, nullable=False),  # every annotator's answer, repeats kept (VQAv2 soft score)
+        pa.field("question_type", pa.string(), nullable=True),
+    ]
+)
+VQA_SCHEMA = pa.schema([*IMAGE_FIELDS, pa.field("questions", pa.list_(VQA_QUESTION), nullable=False), *ROW_FIELDS])
+"""One image per row with all its questions and their answers."""
+
+GROUNDING_REF = pa.struct(
+    [
+        pa.field("ref_id", pa.string(), nullable=False),
+        pa.field("expressions", _TEXTS, nullable=False),  # every expression that names this one object
+        pa.field("box", pa.list_(pa.float32(), 4), nullable=False),  # x1, y1, x2, y2 in pixels
+        pa.field("category", pa.string(), nullable=True),
+    ]
+)
+GROUNDING_SCHEMA = pa.schema([*IMAGE_FIELDS, pa.field("refs", pa.list_(GROUNDING_REF), nullable=False), *ROW_FIELDS])
+"""One image per row with its referred objects: expressions and pixel boxes."""
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "classification": CLASSIFICATION_SCHEMA,
+    "caption": CAPTION_SCHEMA,
+    "retrieval": RETRIEVAL_SCHEMA,
+    "vqa": VQA_SCHEMA,
+    "grounding": GROUNDING_SCHEMA,
+}
 
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
 _TYPE_FAMILIES = (

@@ -30,7 +30,7 @@ from pretrainlab.config import ExperimentConfig, load_config
 from pretrainlab.data.catalog import dataset_dir, dataset_info
 from pretrainlab.data.dataset import load_split_numpy
 from pretrainlab.data.shards import load_manifest, raw_classification_table, write_dataset
-from pretrainlab.data.transforms import BatchTransform
+from pretrainlab.data.transforms import normalize, train_views
 from pretrainlab.strategies import get_strategy
 from pretrainlab.tracking.mlflow import client_for, start_or_resume_run
 from pretrainlab.train.optim import build_optimizer
@@ -59,7 +59,7 @@ def plain_loop(cfg: ExperimentConfig, images: np.ndarray, labels: np.ndarray, st
     torch.manual_seed(cfg.runtime.seed)
     model = get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"]).train()
     optimizer = build_optimizer(model, cfg.optim)
-    transform = BatchTransform(cfg.data, train=True)
+    (pipeline,) = train_views(cfg.data)
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
     batch = cfg.train.batch_size * cfg.train.num_workers
     order = torch.randperm(len(x))
@@ -67,7 +67,7 @@ def plain_loop(cfg: ExperimentConfig, images: np.ndarray, labels: np.ndarray, st
         if step == WINDOW:
             start = time.perf_counter()
         idx = order[(step * batch) % (len(x) - batch) :][:batch]
-        loss = model({"image": transform(x[idx]), "label": y[idx]})["loss"]
+        loss = model({"image": normalize(pipeline(x[idx]), cfg.data), "label": y[idx]})["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

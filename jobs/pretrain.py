@@ -28,6 +28,7 @@ from pretrainlab.cluster import init_ray, ray_job_tags
 from pretrainlab.config import ConfigError, load_config
 from pretrainlab.data.catalog import dataset_dir, dataset_info
 from pretrainlab.data.errors import DatasetError
+from pretrainlab.data.transforms import PipelineError, eval_pipeline, train_views
 from pretrainlab.models.backbones import BackboneError
 from pretrainlab.paths import project_home
 from pretrainlab.strategies import get_strategy
@@ -73,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         check_tracking(tracking_uri)
         data_folder = dataset_dir(cfg)
         info = dataset_info(data_folder)
-        get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"])  # fail here, not in a worker
-    except (ConfigError, TrackingError, DatasetError, BackboneError) as err:
+        # fail here, not inside a Ray worker
+        get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"])
+        train_views(cfg.data), eval_pipeline(cfg.data)
+    except (ConfigError, TrackingError, DatasetError, BackboneError, PipelineError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     run_name = args.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -48,22 +48,58 @@ class ModelConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
 
-class AugmentConfig(_Section):
-    """Batch augmentations applied on the training worker."""
+class ViewConfig(_Section):
+    """One kind of view in a multi-view batch (SimCLR, BYOL, DINO's global and local crops)."""
 
-    random_crop_padding: int = Field(0, ge=0, description="Pad by this many pixels, then crop back at random.")
-    horizontal_flip: bool = False
+    pipeline: list[dict[str, Any]] = Field(default_factory=list, description="Ops, as in data.train_pipeline.")
+    count: int = Field(1, ge=1, description="How many views of this kind each image gets.")
+
+
+class MixupConfig(_Section):
+    """timm ``Mixup``: mixup and/or cutmix on the training batch, soft targets (label smoothing folded in)."""
+
+    mixup_alpha: float = Field(0.8, ge=0)
+    cutmix_alpha: float = Field(1.0, ge=0)
+    prob: float = Field(1.0, ge=0, le=1, description="Chance that a batch (or pair/element) is mixed at all.")
+    switch_prob: float = Field(0.5, ge=0, le=1, description="Chance of cutmix instead of mixup when both are on.")
+    mode: Literal["batch", "pair", "elem"] = "batch"
+
+    @model_validator(mode="after")
+    def _something_mixes(self) -> MixupConfig:
+        if self.mixup_alpha == 0 and self.cutmix_alpha == 0:
+            raise ValueError("mixup_alpha and cutmix_alpha are both 0: remove data.mixup instead")
+        return self
+
+
+class MaskConfig(_Section):
+    """Patch masks for masked image modelling, added to each training batch as ``mask``."""
+
+    kind: Literal["random", "block"] = Field("random", description="random: MAE; block: SimMIM / BEiT.")
+    ratio: float = Field(0.75, gt=0, lt=1)
+    patch_size: int = Field(16, ge=1, description="Mask granularity in input pixels.")
 
 
 class DataConfig(_Section):
-    """Which prepared dataset to read and how to normalise it."""
+    """Which prepared dataset to read, how to augment it, and where augmentation runs."""
 
     dataset: str = Field("fmnist", description="A built-in dataset name or the path of a prepared shard folder.")
     root: str = Field("data", description="Where built-in datasets are converted to (relative to PRETRAINLAB_HOME).")
-    image_size: int | None = Field(None, gt=0, description="Resize to this size; null keeps the stored size.")
     mean: list[float] = Field(default_factory=lambda: [0.5])
     std: list[float] = Field(default_factory=lambda: [0.5])
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train_pipeline: list[dict[str, Any]] = Field(
+        default_factory=list, description="Per-image training ops: torchvision transforms.v2 names and timm ops."
+    )
+    eval_pipeline: list[dict[str, Any]] = Field(default_factory=list, description="Per-image evaluation ops.")
+    views: list[ViewConfig] = Field(
+        default_factory=list, description="Multi-view training batches (replaces train_pipeline when set)."
+    )
+    mixup: MixupConfig | None = None
+    mask: MaskConfig | None = None
+    augment_on: Literal["worker", "ray_data"] = Field(
+        "worker", description="Decode + augment in the training worker, or in Ray Data map_batches tasks."
+    )
+    ray_data_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data augmentation task (augment_on: ray_data).")
+    shuffle_buffer_rows: int = Field(8192, ge=0, description="Local shuffle buffer per worker; 0 keeps shard order.")
     materialize: bool = Field(
         True,
         description="Read the shards once into Ray's object store; false streams them from Parquet every epoch "
@@ -71,11 +107,13 @@ class DataConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _mean_std_match(self) -> DataConfig:
+    def _consistent(self) -> DataConfig:
         if len(self.mean) != len(self.std):
             raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
+        if self.mixup is not None and self.views:
+            raise ValueError("mixup applies to single-view classification batches, not to data.views")
         return self
 
 

@@ -73,7 +73,7 @@ def decode_images(batch: dict[str, np.ndarray]) -> np.ndarray:
         if wrong.size:
             row = int(wrong[0])
             raise DatasetError(f"{_row(batch, row)}: raw image has {sizes[row]} bytes, not {h}x{w}x{c}")
-        out = np.frombuffer(b"".join(images), np.uint8).reshape(len(images), h, w, c)
+        out = np.frombuffer(bytearray(b"".join(images)), np.uint8).reshape(len(images), h, w, c)
     else:
         out = np.empty((len(images), h, w, c), np.uint8)
         for i, (data, image_format) in enumerate(zip(images, batch["image_format"], strict=True)):

@@ -1,56 +1,166 @@
-"""Batch transforms that run on the training worker, on uint8 ``N x C x H x W`` tensors."""
+"""Image pipelines from the config: torchvision ``transforms.v2`` and timm ops, multi-view, normalisation.
+
+A pipeline is a list of ops written like MMPreTrain's, each a mapping with a ``type`` and
+its keyword arguments::
+
+    train_pipeline:
+      - {type: RandomResizedCrop, size: 64, scale: [0.2, 1.0]}
+      - {type: RandomHorizontalFlip}
+      - {type: TimmRandAugment, config: rand-m9-mstd0.5}
+      - {type: RandomErasing, p: 0.25}
+
+Ops work on uint8 ``C x H x W`` tensors, one image at a time (each image gets its own random
+parameters); every op in a pipeline must leave all images of a batch the same size.
+Normalisation (``data.mean`` / ``data.std``) comes last, on the training worker, in
+:func:`normalize`. Evaluation, training and serving all build their transforms here.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
 import torch
-import torch.nn.functional as F
+import torchvision.transforms.v2 as v2
+from PIL import Image
+from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
 
 from pretrainlab.config import DataConfig
 
 
-def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Zero-pad each image by ``padding`` pixels and crop it back at an independent random offset."""
-    n, _, h, w = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding))
-    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator)
-    rows = (offsets[0][:, None] + torch.arange(h))[:, None, :, None]
-    cols = (offsets[1][:, None] + torch.arange(w))[:, None, None, :]
-    batch = torch.arange(n)[:, None, None, None]
-    channels = torch.arange(images.shape[1])[None, :, None, None]
-    return padded[batch, channels, rows, cols]
+class TimmRandAugment:
+    """timm's RandAugment from a config string such as ``rand-m9-mstd0.5-inc1`` (on PIL images)."""
+
+    def __init__(self, config: str = "rand-m9-mstd0.5") -> None:
+        self.op = rand_augment_transform(config, {})
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return self.op(image)
 
 
-def random_horizontal_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Flip each image left-right with probability 0.5."""
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+class TimmAutoAugment:
+    """timm's AutoAugment policies (``original``, ``v0``, ``3a``...) from a config string such as ``v0``."""
+
+    def __init__(self, config: str = "v0") -> None:
+        self.op = auto_augment_transform(config, {})
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return self.op(image)
 
 
-class BatchTransform:
-    """uint8 images -> normalised float images, with the training augmentations when ``train``.
+TENSOR_OPS: dict[str, type] = {
+    "Resize": v2.Resize,
+    "CenterCrop": v2.CenterCrop,
+    "Pad": v2.Pad,
+    "RandomCrop": v2.RandomCrop,
+    "RandomResizedCrop": v2.RandomResizedCrop,
+    "RandomHorizontalFlip": v2.RandomHorizontalFlip,
+    "RandomVerticalFlip": v2.RandomVerticalFlip,
+    "RandomRotation": v2.RandomRotation,
+    "RandomAffine": v2.RandomAffine,
+    "ColorJitter": v2.ColorJitter,
+    "RandomGrayscale": v2.RandomGrayscale,
+    "GaussianBlur": v2.GaussianBlur,
+    "RandomSolarize": v2.RandomSolarize,
+    "RandomEqualize": v2.RandomEqualize,
+    "RandomAutocontrast": v2.RandomAutocontrast,
+    "RandAugment": v2.RandAugment,
+    "AutoAugment": v2.AutoAugment,
+    "TrivialAugmentWide": v2.TrivialAugmentWide,
+    "RandomErasing": v2.RandomErasing,
+}
+"""Ops that take uint8 tensors (torchvision ``transforms.v2``)."""
 
-    Training and evaluation (and serving) share this class, so they cannot drift apart.
-    """
+PIL_OPS: dict[str, type] = {"TimmRandAugment": TimmRandAugment, "TimmAutoAugment": TimmAutoAugment}
+"""Ops that take PIL images (timm); the pipeline converts around them."""
 
-    def __init__(self, cfg: DataConfig, train: bool) -> None:
-        self.cfg = cfg
-        self.train = train
-        self.mean = torch.tensor(cfg.mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(cfg.std).view(1, -1, 1, 1)
+RANDOM_APPLY = "RandomApply"  # {type: RandomApply, p: 0.8, transforms: [...]}, as in SimCLR's colour jitter
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+
+class PipelineError(ValueError):
+    """A pipeline op is unknown or its arguments are not accepted; the message names the op."""
+
+
+def build_op(spec: dict[str, Any], where: str) -> Callable:
+    """One op from its ``{type: ..., **kwargs}`` mapping."""
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise PipelineError(f"{where}: each op must be a mapping with a 'type', got {spec!r}")
+    kwargs = dict(spec)
+    name = kwargs.pop("type")
+    if name == RANDOM_APPLY:
+        inner = kwargs.pop("transforms", None)
+        if not isinstance(inner, list) or not inner:
+            raise PipelineError(f"{where}: RandomApply needs a non-empty 'transforms' list")
+        ops = [build_op(op, f"{where}.transforms[{i}]") for i, op in enumerate(inner)]
+        try:
+            return v2.RandomApply(ops, **kwargs)
+        except TypeError as err:
+            raise PipelineError(f"{where}: RandomApply: {err}") from None
+    cls = TENSOR_OPS.get(name) or PIL_OPS.get(name)
+    if cls is None:
+        valid = ", ".join([*TENSOR_OPS, *PIL_OPS, RANDOM_APPLY])
+        raise PipelineError(f"{where}: unknown op {name!r}; valid ops: {valid}")
+    try:
+        op = cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise PipelineError(f"{where}: {name}: {err}") from None
+    return _OnPIL(op) if name in PIL_OPS else op
+
+
+class _OnPIL:
+    """Runs a PIL-image op on a uint8 ``C x H x W`` tensor (grey images pass through RGB and back)."""
+
+    def __init__(self, op: Callable[[Image.Image], Image.Image]) -> None:
+        self.op = op
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        grey = image.shape[0] == 1
+        array = image.expand(3, -1, -1) if grey else image
+        out = np.asarray(self.op(Image.fromarray(array.permute(1, 2, 0).numpy())))
+        tensor = torch.from_numpy(out.copy()).permute(2, 0, 1)
+        return tensor[:1] if grey else tensor
+
+
+class ImagePipeline:
+    """A list of ops applied to every image of a uint8 ``N x C x H x W`` batch, each with its own randomness."""
+
+    def __init__(self, specs: Sequence[dict[str, Any]], where: str = "pipeline") -> None:
+        self.ops = [build_op(spec, f"{where}[{i}]") for i, spec in enumerate(specs)]
+        self.transform = v2.Compose(self.ops) if self.ops else None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 N x C x H x W images, got {images.dtype} {tuple(images.shape)}")
-        x = images.float().div_(255)
-        size = self.cfg.image_size
-        if size is not None and tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        if self.train:
-            aug = self.cfg.augment
-            if aug.random_crop_padding:
-                x = random_crop(x, aug.random_crop_padding, generator)
-            if aug.horizontal_flip:
-                x = random_horizontal_flip(x, generator)
-        if self.mean.shape[1] not in (1, x.shape[1]):
-            raise ValueError(f"data.mean has {self.mean.shape[1]} values for {x.shape[1]}-channel images")
-        return (x - self.mean) / self.std
+        if self.transform is None:
+            return images
+        outputs = [self.transform(image) for image in images]
+        shapes = {tuple(o.shape) for o in outputs}
+        if len(shapes) > 1:
+            raise PipelineError(f"pipeline gave images of several sizes {sorted(shapes)}; end it with a fixed-size op")
+        return torch.stack(outputs)
+
+
+def normalize(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """uint8 images -> float images scaled to [0, 1], then ``(x - mean) / std`` per channel."""
+    mean = torch.tensor(cfg.mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.std, device=images.device).view(1, -1, 1, 1)
+    if mean.shape[1] not in (1, images.shape[1]):
+        raise ValueError(f"data.mean has {mean.shape[1]} values for {images.shape[1]}-channel images")
+    return (images.float().div_(255) - mean) / std
+
+
+def train_views(cfg: DataConfig) -> list[ImagePipeline]:
+    """The training pipelines: one per view (``data.views``), or ``data.train_pipeline`` alone."""
+    if not cfg.views:
+        return [ImagePipeline(cfg.train_pipeline, "data.train_pipeline")]
+    return [
+        ImagePipeline(view.pipeline, f"data.views[{i}].pipeline")
+        for i, view in enumerate(cfg.views)
+        for _ in range(view.count)
+    ]
+
+
+def eval_pipeline(cfg: DataConfig) -> ImagePipeline:
+    """The evaluation (and serving) pipeline: ``data.eval_pipeline``."""
+    return ImagePipeline(cfg.eval_pipeline, "data.eval_pipeline")

@@ -12,7 +12,13 @@ from pretrainlab.models.heads import LinearClsHead
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy over the batch, with label smoothing."""
+    """Mean cross-entropy over the batch.
+
+    ``labels`` are class ids (smoothed by ``label_smoothing``) or soft targets, one row per
+    image, as mixup / cutmix make them (already smoothed, so not smoothed again).
+    """
+    if labels.is_floating_point():
+        return F.cross_entropy(logits, labels)
     return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
 
 

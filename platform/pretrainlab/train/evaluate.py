@@ -13,9 +13,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pretrainlab.config import DataConfig
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.dataset import load_split_numpy
-from pretrainlab.data.transforms import BatchTransform
+from pretrainlab.data.transforms import eval_pipeline, normalize
 from pretrainlab.inference.loading import load_model
 
 SUM_FIELDS = ("loss", "top1", "top5", "count")
@@ -59,15 +60,16 @@ def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
 def predict(
     model: nn.Module,
     images: np.ndarray,
-    transform: BatchTransform,
+    cfg: DataConfig,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Logits of ``model`` for uint8 ``N x C x H x W`` images, in one process."""
+    """Logits of ``model`` for uint8 ``N x C x H x W`` images through the evaluation pipeline, in one process."""
     model.eval()
+    pipeline = eval_pipeline(cfg)
     outputs = []
     for start in range(0, len(images), batch_size):
-        batch = transform(torch.from_numpy(images[start : start + batch_size])).to(device)
+        batch = normalize(pipeline(torch.from_numpy(images[start : start + batch_size])), cfg).to(device)
         outputs.append(model({"image": batch})["logits"].float().cpu())
     return torch.cat(outputs)
 
@@ -103,7 +105,7 @@ def evaluate_checkpoint(
     loaded = load_model(source)
     folder = data_folder or dataset_dir(loaded.config)
     images, labels = load_split_numpy(folder, split)
-    logits = predict(loaded.model, images, BatchTransform(loaded.config.data, train=False), batch_size)
+    logits = predict(loaded.model, images, loaded.config.data, batch_size)
     return Evaluation(
         split=split,
         metrics=evaluate_logits(logits, labels),

@@ -15,15 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 from torch import nn
 
 from pretrainlab.config import ExperimentConfig
-from pretrainlab.data.dataset import decode_images
-from pretrainlab.data.transforms import BatchTransform
+from pretrainlab.data.pipeline import Preprocessor, build_mixup, to_model_inputs, training_batches
 from pretrainlab.models.backbones import uses_convolutions
 from pretrainlab.strategies import get_strategy
 from pretrainlab.tracking.mlflow import MetricLogger, client_for
@@ -31,8 +29,6 @@ from pretrainlab.train.checkpoint import load_checkpoint, save_checkpoint
 from pretrainlab.train.evaluate import all_reduce_sums, classification_sums, metrics_from_sums
 from pretrainlab.train.optim import build_optimizer
 from pretrainlab.train.schedule import build_scheduler
-
-SHUFFLE_BUFFER_ROWS = 8192
 
 
 def steps_per_epoch(train_count: int, batch_size: int, num_workers: int) -> int:
@@ -52,15 +48,6 @@ def autocast_for(device: torch.device) -> tuple[contextlib.AbstractContextManage
     if torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16), None
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
-
-
-def _batches(shard: Any, batch_size: int, device: torch.device, *, drop_last: bool, seed: int | None = None):
-    """``{"image": uint8 NCHW, "label": int64}`` tensor batches from a Ray Data shard."""
-    shuffle = {"local_shuffle_buffer_size": SHUFFLE_BUFFER_ROWS, "local_shuffle_seed": seed} if seed is not None else {}
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, **shuffle):
-        images = torch.from_numpy(decode_images(batch))
-        labels = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))
-        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -107,8 +94,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     model = ray.train.torch.prepare_model(model)
     logger = MetricLogger(client_for(loop_config["tracking"]["uri"]), run_id) if rank == 0 else None
-    train_transform = BatchTransform(cfg.data, train=True)
-    eval_transform = BatchTransform(cfg.data, train=False)
+    augment = Preprocessor(cfg.data, train=True) if cfg.data.augment_on == "worker" else None
+    prepare_eval = Preprocessor(cfg.data, train=False)
+    mixup = build_mixup(cfg.data, info["num_classes"], cfg.model.label_smoothing)
     global_batch = cfg.train.batch_size * world
 
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -116,14 +104,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         epoch_start = window_start = time.perf_counter()
         window_loss, window_steps = 0.0, 0
         shard = ray.train.get_dataset_shard("train")
-        for images, labels in _batches(
-            shard, cfg.train.batch_size, device, drop_last=True, seed=cfg.runtime.seed * 100_003 + epoch
-        ):
-            inputs = train_transform(images)
+        for rows in training_batches(shard, cfg, epoch):
+            batch = to_model_inputs(augment(rows) if augment else rows, cfg.data, device)
+            if mixup is not None:
+                batch["image"], batch["label"] = mixup(batch["image"], batch["label"])
             if channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
+                batch = {
+                    k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()
+                }
             with autocast:
-                loss = model({"image": inputs, "label": labels})["loss"]
+                loss = model(batch)["loss"]
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -152,10 +142,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model.eval()
         sums = torch.zeros(4, dtype=torch.float64)
         with torch.no_grad(), autocast:
-            for images, labels in _batches(
-                ray.train.get_dataset_shard("val"), cfg.train.eval_batch_size, device, drop_last=False
-            ):
-                sums += classification_sums(model({"image": eval_transform(images)})["logits"], labels)
+            val_shard = ray.train.get_dataset_shard("val")
+            for rows in val_shard.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="numpy"):
+                batch = to_model_inputs(prepare_eval(rows), cfg.data, device)
+                sums += classification_sums(model({"image": batch["image"]})["logits"], batch["label"])
         val = metrics_from_sums(all_reduce_sums(sums))
         metrics = {f"val/{k}": v for k, v in val.items()}
         metrics.update({"epoch": epoch + 1, "step": step, "train/epoch_time_s": epoch_time})

@@ -10,6 +10,7 @@ from ray.train.torch import TorchTrainer
 from pretrainlab.config import ExperimentConfig
 from pretrainlab.data.catalog import dataset_info
 from pretrainlab.data.dataset import read_split
+from pretrainlab.data.pipeline import Preprocessor
 from pretrainlab.paths import resolve
 from pretrainlab.train.loop import train_loop_per_worker
 
@@ -21,6 +22,26 @@ def wants_gpu(cfg: ExperimentConfig) -> bool:
     if cfg.train.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) > 0
     return bool(cfg.train.use_gpu)
+
+
+def build_datasets(cfg: ExperimentConfig, data_folder: str) -> dict[str, ray.data.Dataset]:
+    """The train and val Ray Datasets that the workers' shards come from.
+
+    Both are materialised once when ``data.materialize``; with ``data.augment_on: ray_data``
+    the train set is decoded and augmented in ``map_batches`` tasks every epoch.
+    """
+    DataContext.get_current().enable_progress_bars = False  # keep job logs readable
+    datasets = {split: read_split(data_folder, split) for split in TRAIN_SPLITS}
+    if cfg.data.materialize:
+        datasets = {split: ds.materialize() for split, ds in datasets.items()}
+    if cfg.data.augment_on == "ray_data":
+        datasets["train"] = datasets["train"].map_batches(
+            Preprocessor(cfg.data, train=True),
+            batch_format="numpy",
+            batch_size=cfg.train.batch_size,
+            num_cpus=cfg.data.ray_data_cpus,
+        )
+    return datasets
 
 
 def build_trainer(
@@ -38,10 +59,7 @@ def build_trainer(
         tracking: ``{"uri": ..., "run_id": ...}`` of the MLflow run the workers log to.
     """
     use_gpu = wants_gpu(cfg)
-    DataContext.get_current().enable_progress_bars = False  # keep job logs readable
-    datasets = {split: read_split(data_folder, split) for split in TRAIN_SPLITS}
-    if cfg.data.materialize:
-        datasets = {split: ds.materialize() for split, ds in datasets.items()}
+    datasets = build_datasets(cfg, data_folder)
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     checkpoints = cfg.train.checkpoint
     return TorchTrainer(

@@ -1,0 +1,97 @@
+"""From shard rows to model inputs: decode, augment, mask (the ``Preprocessor``), then tensors on the device.
+
+The ``Preprocessor`` runs either inside the training worker (``data.augment_on: worker``,
+nothing else competes for a small machine's cores) or in Ray Data ``map_batches`` tasks
+(``data.augment_on: ray_data``, which overlaps with training and scales out to other
+nodes' CPUs). Either way the same code turns a batch of rows into uint8 arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from timm.data import Mixup
+
+from pretrainlab.config import DataConfig, ExperimentConfig
+from pretrainlab.data.dataset import decode_images
+from pretrainlab.data.masks import make_masks
+from pretrainlab.data.transforms import eval_pipeline, normalize, train_views
+
+UNLABELLED = -1
+
+
+def view_key(index: int) -> str:
+    """The batch column of the ``index``-th view of a multi-view batch."""
+    return f"view{index}"
+
+
+class Preprocessor:
+    """Decode and augment a numpy batch of shard rows.
+
+    Output columns: ``label`` (int64, -1 when unlabelled) and either ``image`` (uint8
+    N x C x H x W) or, with several views, ``view0``, ``view1``, ...; plus ``mask``
+    (bool N x h x w patches) when ``data.mask`` is set and ``train`` is true.
+    """
+
+    def __init__(self, cfg: DataConfig, train: bool, seed: int | None = None) -> None:
+        self.cfg = cfg
+        self.train = train
+        self.views = train_views(cfg) if train else [eval_pipeline(cfg)]
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = torch.from_numpy(decode_images(batch))
+        labels = batch["label"]
+        if labels.dtype == object:  # nullable column with missing labels
+            labels = np.array([UNLABELLED if v is None else v for v in labels])
+        out: dict[str, np.ndarray] = {"label": labels.astype(np.int64)}
+        views = [pipeline(images).numpy() for pipeline in self.views]
+        if len(views) == 1:
+            out["image"] = views[0]
+        else:
+            out.update({view_key(i): view for i, view in enumerate(views)})
+        if self.train and self.cfg.mask is not None:
+            _, _, height, width = views[0].shape
+            out["mask"] = make_masks(self.cfg.mask, len(images), height, width, self.rng)
+        return out
+
+
+def training_batches(shard: Any, cfg: ExperimentConfig, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch of a worker's training shard: full batches, shuffled in a local buffer.
+
+    The shuffle is seeded from ``runtime.seed`` and the epoch, so every epoch sees a new
+    order and a rerun with the same seed sees the same ones.
+    """
+    shuffle = {}
+    if cfg.data.shuffle_buffer_rows:
+        seed = cfg.runtime.seed * 100_003 + epoch
+        shuffle = {"local_shuffle_buffer_size": cfg.data.shuffle_buffer_rows, "local_shuffle_seed": seed}
+    return shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True, **shuffle)
+
+
+def to_model_inputs(batch: dict[str, np.ndarray], cfg: DataConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    """Tensors on ``device``: images and views normalised to float, labels int64, masks bool."""
+    inputs = {}
+    for key, value in batch.items():
+        tensor = torch.as_tensor(value).to(device, non_blocking=True)
+        inputs[key] = normalize(tensor, cfg) if tensor.dtype == torch.uint8 and tensor.ndim == 4 else tensor
+    return inputs
+
+
+def build_mixup(cfg: DataConfig, num_classes: int, label_smoothing: float) -> Mixup | None:
+    """timm's ``Mixup`` (mixup / cutmix, label smoothing folded into the soft targets), or None when off."""
+    if cfg.mixup is None:
+        return None
+    m = cfg.mixup
+    return Mixup(
+        mixup_alpha=m.mixup_alpha,
+        cutmix_alpha=m.cutmix_alpha,
+        prob=m.prob,
+        switch_prob=m.switch_prob,
+        mode=m.mode,
+        label_smoothing=label_smoothing,
+        num_classes=num_classes,
+    )

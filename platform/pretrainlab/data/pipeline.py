@@ -31,7 +31,7 @@ def view_key(index: int) -> str:
 class Preprocessor:
     """Decode and augment a numpy batch of shard rows.
 
-    Output columns: ``label`` (int64, -1 when unlabelled) and either ``image`` (uint8
+    Output columns: ``label`` (int64, -1 when unlabelled; classification rows only) and either ``image`` (uint8
     N x C x H x W) or, with several views, ``view0``, ``view1``, ...; plus ``mask``
     (bool N x h x w patches) when ``data.mask`` is set and ``train`` is true.
     """
@@ -44,10 +44,12 @@ class Preprocessor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = torch.from_numpy(decode_images(batch))
-        labels = batch["label"]
-        if labels.dtype == object:  # nullable column with missing labels
-            labels = np.array([UNLABELLED if v is None else v for v in labels])
-        out: dict[str, np.ndarray] = {"label": labels.astype(np.int64)}
+        out: dict[str, np.ndarray] = {}
+        if "label" in batch:  # classification rows; image-text rows carry their text columns instead
+            labels = batch["label"]
+            if labels.dtype == object:  # nullable column with missing labels
+                labels = np.array([UNLABELLED if v is None else v for v in labels])
+            out["label"] = labels.astype(np.int64)
         views = [pipeline(images).numpy() for pipeline in self.views]
         if len(views) == 1:
             out["image"] = views[0]

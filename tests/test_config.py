@@ -7,6 +7,7 @@ import yaml
 
 from conftest import CONFIGS
 from pretrainlab.config import ConfigError, ExperimentConfig, load_config, validate
+from pretrainlab.data.transforms import eval_pipeline, train_views
 
 
 def write(path, data) -> str:
@@ -130,6 +131,7 @@ BASES = sorted(CONFIGS.glob("_base_/**/*.yaml"))
 def test_every_checked_in_config_validates(path):
     cfg = load_config(path)
     assert cfg.name == path.stem, "a config's name must match its file name"
+    assert train_views(cfg.data) and eval_pipeline(cfg.data)  # every op and its arguments build
 
 
 @pytest.mark.parametrize("path", BASES, ids=[str(p.relative_to(CONFIGS)) for p in BASES])

@@ -127,5 +127,7 @@ def test_mixup_gives_soft_targets_that_sum_to_one():
 def test_mixup_config_is_checked():
     with pytest.raises(Exception, match="both 0"):
         validate({"name": "x", "data": {"mixup": {"mixup_alpha": 0, "cutmix_alpha": 0}}})
+    with pytest.raises(Exception, match="even train.batch_size"):
+        validate({"name": "x", "data": {"mixup": {}}, "train": {"batch_size": 33}})
     with pytest.raises(Exception, match="not to data.views"):
         validate({"name": "x", "data": {"mixup": {}, "views": [{"pipeline": []}]}})

@@ -190,6 +190,12 @@ class ExperimentConfig(_Section):
             raise ValueError("name must be non-empty, without spaces or slashes")
         return value
 
+    @model_validator(mode="after")
+    def _mixup_pairs_images(self) -> ExperimentConfig:
+        if self.data.mixup is not None and self.train.batch_size % 2:
+            raise ValueError(f"data.mixup needs an even train.batch_size, got {self.train.batch_size}")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-compatible data."""
         return self.model_dump(mode="json")

@@ -98,8 +98,16 @@ SCHEMAS: dict[str, pa.Schema] = {
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
 _TYPE_FAMILIES = (
     pa.types.is_integer,
+    pa.types.is_floating,
     lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t),
     lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t),
+)
+_LIST_TYPES = (
+    pa.types.is_list,
+    pa.types.is_large_list,
+    pa.types.is_fixed_size_list,
+    pa.types.is_list_view,
+    pa.types.is_large_list_view,
 )
 
 
@@ -312,19 +320,115 @@ def _checked(table: pa.Table, schema: pa.Schema, split: str, num_classes: int) -
         sizes = pc.binary_length(table.column("image")).to_numpy()
         wrong_size = (formats == "raw") & (sizes != h * w * c)
         _fail_rows(table, split, wrong_size, "raw image size is not height*width*channels")
+    if "captions" in schema.names:
+        bad = _bad_texts(_array(table, "captions"))
+        _fail_rows(table, split, bad, "field 'captions' is empty or holds a blank caption")
+    if "negatives" in schema.names:
+        bad = _bad_texts(_array(table, "negatives"), allow_empty=True)
+        _fail_rows(table, split, bad, "field 'negatives' holds a blank caption")
+    if "questions" in schema.names:
+        _check_questions(table, split)
+    if "refs" in schema.names:
+        _check_refs(table, split)
     return table
 
 
+def _check_questions(table: pa.Table, split: str) -> None:
+    """Each row: >= 1 question, each with an id, a non-blank question and >= 1 non-blank answer."""
+    questions = _array(table, "questions")
+    _fail_rows(table, split, _lengths(questions) == 0, "field 'questions' is empty")
+    flat, rows = pc.list_flatten(questions), pc.list_parent_indices(questions).to_numpy()
+    missing = _blank(flat.field("question_id"))
+    problems = {
+        "field 'questions': a question is null or has a null question_id": _null(flat) | missing,
+        "field 'questions': a question text is blank": _blank(flat.field("question")),
+        "field 'questions': a question has no answers or a blank answer": _bad_texts(flat.field("answers")),
+    }
+    for problem, bad in problems.items():
+        _fail_rows(table, split, _any_per_row(table.num_rows, rows, bad), problem)
+
+
+def _check_refs(table: pa.Table, split: str) -> None:
+    """Each row: >= 1 ref, each with an id, >= 1 non-blank expression and a finite box
+    0 <= x1 < x2 <= width, 0 <= y1 < y2 <= height."""
+    refs = _array(table, "refs")
+    _fail_rows(table, split, _lengths(refs) == 0, "field 'refs' is empty")
+    flat, rows = pc.list_flatten(refs), pc.list_parent_indices(refs).to_numpy()
+    listed = flat.field("box").to_pylist()
+    boxes = np.array([[np.nan if v is None else v for v in box or [None] * 4] for box in listed], np.float64)
+    boxes = boxes.reshape(-1, 4)
+    width, height = _np(table, "width")[rows], _np(table, "height")[rows]
+    x1, y1, x2, y2 = boxes.T
+    with np.errstate(invalid="ignore"):
+        inside = np.isfinite(boxes).all(axis=1) & (0 <= x1) & (x1 < x2) & (x2 <= width) & (0 <= y1) & (y1 < y2)
+        inside &= y2 <= height
+    problems = {
+        "field 'refs': a ref is null or has a null ref_id": _null(flat) | _null(flat.field("ref_id")),
+        "field 'refs': a ref has no expressions or a blank expression": _bad_texts(flat.field("expressions")),
+        "field 'refs': a box is not finite with 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height": ~inside,
+    }
+    for problem, bad in problems.items():
+        _fail_rows(table, split, _any_per_row(table.num_rows, rows, bad), problem)
+
+
+def _array(table: pa.Table, name: str) -> pa.Array:
+    return table.column(name).combine_chunks()
+
+
+def _lengths(lists: pa.Array) -> np.ndarray:
+    return pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False)
+
+
+def _null(array: pa.Array) -> np.ndarray:
+    return array.is_null().to_numpy(zero_copy_only=False)
+
+
+def _blank(strings: pa.Array) -> np.ndarray:
+    """Per string: null, or empty after trimming whitespace."""
+    empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(strings)), 0)
+    return empty.fill_null(True).to_numpy(zero_copy_only=False)
+
+
+def _bad_texts(lists: pa.Array, allow_empty: bool = False) -> np.ndarray:
+    """Per list of strings: null, empty (unless ``allow_empty``), or holding a blank string."""
+    bad = _null(lists) if allow_empty else _null(lists) | (_lengths(lists) == 0)
+    return bad | _any_per_row(len(lists), pc.list_parent_indices(lists).to_numpy(), _blank(pc.list_flatten(lists)))
+
+
+def _any_per_row(num_rows: int, rows: np.ndarray, bad_items: np.ndarray) -> np.ndarray:
+    """Per row: whether any of its items (``rows[i]`` is item i's row) is bad."""
+    bad = np.zeros(num_rows, bool)
+    bad[rows[bad_items]] = True
+    return bad
+
+
 def _cast(column: pa.ChunkedArray, field: pa.Field, where: str) -> pa.ChunkedArray:
-    """Casts within a type family (integers, strings, binaries) when no value changes."""
+    """Casts to the field's type when the shape is the same (``_castable``) and no integer,
+    string or binary value changes (floats may narrow, e.g. box coordinates to float32)."""
     if column.type == field.type:
         return column
-    if any(family(column.type) and family(field.type) for family in _TYPE_FAMILIES):
+    if _castable(column.type, field.type):
         try:
             return column.cast(field.type, safe=True)
-        except pa.ArrowInvalid as e:
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
             raise DatasetError(f"{where}: field {field.name!r} does not fit {field.type}: {e}") from None
     raise DatasetError(f"{where}: field {field.name!r} has type {column.type}, expected {field.type}")
+
+
+def _castable(have: pa.DataType, want: pa.DataType) -> bool:
+    """Same nesting of lists and structs (same field names, in order), leaves in one type
+    family (integers may become floats); a null-typed leaf (all values null) fits anything."""
+    if have == want or pa.types.is_null(have):
+        return True
+    if any(is_list(have) for is_list in _LIST_TYPES) and any(is_list(want) for is_list in _LIST_TYPES):
+        return _castable(have.value_type, want.value_type)
+    if pa.types.is_struct(have) and pa.types.is_struct(want):
+        return [f.name for f in have] == [f.name for f in want] and all(
+            _castable(a.type, b.type) for a, b in zip(have, want, strict=True)
+        )
+    if pa.types.is_integer(have) and pa.types.is_floating(want):
+        return True
+    return any(family(have) and family(want) for family in _TYPE_FAMILIES)
 
 
 def _np(table: pa.Table, name: str) -> np.ndarray:

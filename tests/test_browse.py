@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -33,3 +34,20 @@ def test_bad_pipeline_is_reported(project, tmp_path, capsys):
     bad = "data.train_pipeline=[{type: Blur}]"
     assert browse.main([FMNIST, "--out", str(tmp_path / "x.png"), "--set", bad]) == 2
     assert "unknown op 'Blur'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa", "grounding", "retrieval"])
+def test_image_text_sets_from_prepare_data_scenes(scenes, tmp_path, task):
+    out = tmp_path / f"{task}.png"
+    assert browse.main([FMNIST, "--set", f"data.dataset={scenes / task}", "--num", "5", "--out", str(out)]) == 0
+    with Image.open(out) as image:
+        image.verify()
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    import prepare_data
+
+    out = tmp_path_factory.mktemp("scenes")
+    assert prepare_data.main(["scenes", "-", str(out), "--num-images", "40", "--image-size", "64", "--seed", "3"]) == 0
+    return out

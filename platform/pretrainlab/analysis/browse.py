@@ -88,7 +88,7 @@ def draw_grid(cfg: ExperimentConfig, folder: str, split: str, count: int, seed: 
     images = decode_images(rows)
     columns = 4
     grid_rows = -(-len(images) // columns)
-    fig, axes = plt.subplots(grid_rows, columns, figsize=(3.2 * columns, 3.6 * grid_rows), squeeze=False)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(3.2 * columns, 3.9 * grid_rows), squeeze=False)
     for ax in axes.flat[len(images) :]:
         ax.axis("off")
     for i, ax in enumerate(axes.flat[: len(images)]):

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import ray.data
 import torch
 from timm.data import Mixup
 
@@ -21,6 +22,7 @@ from pretrainlab.data.masks import make_masks
 from pretrainlab.data.transforms import eval_pipeline, normalize, train_views
 
 UNLABELLED = -1
+ROWS_PER_AUGMENT_TASK = 1  # batches per Ray Data block handed to one augmentation task
 
 
 def view_key(index: int) -> str:
@@ -59,6 +61,20 @@ class Preprocessor:
             _, _, height, width = views[0].shape
             out["mask"] = make_masks(self.cfg.mask, len(images), height, width, self.rng)
         return out
+
+
+def augment_in_ray_data(ds: ray.data.Dataset, cfg: ExperimentConfig) -> ray.data.Dataset:
+    """``ds`` decoded and augmented by ``map_batches`` tasks (``data.augment_on: ray_data``).
+
+    Blocks are first cut (streaming, no shuffle) to one batch each, so that even a
+    single large shard is augmented by several tasks in parallel.
+    """
+    return ds.repartition(target_num_rows_per_block=ROWS_PER_AUGMENT_TASK * cfg.train.batch_size).map_batches(
+        Preprocessor(cfg.data, train=True),
+        batch_format="numpy",
+        batch_size=cfg.train.batch_size,
+        num_cpus=cfg.data.ray_data_cpus,
+    )
 
 
 def training_batches(shard: Any, cfg: ExperimentConfig, epoch: int) -> Iterator[dict[str, np.ndarray]]:

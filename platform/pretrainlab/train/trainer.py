@@ -10,7 +10,7 @@ from ray.train.torch import TorchTrainer
 from pretrainlab.config import ExperimentConfig
 from pretrainlab.data.catalog import dataset_info
 from pretrainlab.data.dataset import read_split
-from pretrainlab.data.pipeline import Preprocessor
+from pretrainlab.data.pipeline import augment_in_ray_data
 from pretrainlab.paths import resolve
 from pretrainlab.train.loop import train_loop_per_worker
 
@@ -35,12 +35,7 @@ def build_datasets(cfg: ExperimentConfig, data_folder: str) -> dict[str, ray.dat
     if cfg.data.materialize:
         datasets = {split: ds.materialize() for split, ds in datasets.items()}
     if cfg.data.augment_on == "ray_data":
-        datasets["train"] = datasets["train"].map_batches(
-            Preprocessor(cfg.data, train=True),
-            batch_format="numpy",
-            batch_size=cfg.train.batch_size,
-            num_cpus=cfg.data.ray_data_cpus,
-        )
+        datasets["train"] = augment_in_ray_data(datasets["train"], cfg)
     return datasets
 
 

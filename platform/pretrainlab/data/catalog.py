@@ -26,7 +26,6 @@ def dataset_info(folder: str) -> dict[str, Any]:
     first_shard = shard_paths(folder, "train")[0]
     channels = pq.ParquetFile(first_shard).read_row_group(0, columns=["channels"]).column(0)[0].as_py()
     return {
-        "path": folder,
         "class_names": manifest["class_names"],
         "num_classes": len(manifest["class_names"]),
         "in_chans": int(channels),

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         info = dataset_info(data_folder)
         # fail here, not inside a Ray worker
         get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"])
-        train_views(cfg.data), eval_pipeline(cfg.data)
+        train_views(cfg.data)
+        eval_pipeline(cfg.data)
     except (ConfigError, TrackingError, DatasetError, BackboneError, PipelineError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

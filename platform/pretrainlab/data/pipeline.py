@@ -22,7 +22,6 @@ from pretrainlab.data.masks import make_masks
 from pretrainlab.data.transforms import eval_pipeline, normalize, train_views
 
 UNLABELLED = -1
-ROWS_PER_AUGMENT_TASK = 1  # batches per Ray Data block handed to one augmentation task
 
 
 def view_key(index: int) -> str:
@@ -69,7 +68,7 @@ def augment_in_ray_data(ds: ray.data.Dataset, cfg: ExperimentConfig) -> ray.data
     Blocks are first cut (streaming, no shuffle) to one batch each, so that even a
     single large shard is augmented by several tasks in parallel.
     """
-    return ds.repartition(target_num_rows_per_block=ROWS_PER_AUGMENT_TASK * cfg.train.batch_size).map_batches(
+    return ds.repartition(target_num_rows_per_block=cfg.train.batch_size).map_batches(
         Preprocessor(cfg.data, train=True),
         batch_format="numpy",
         batch_size=cfg.train.batch_size,

@@ -19,8 +19,6 @@ from pretrainlab.data.dataset import load_split_numpy
 from pretrainlab.data.transforms import eval_pipeline, normalize
 from pretrainlab.inference.loading import load_model
 
-SUM_FIELDS = ("loss", "top1", "top5", "count")
-
 
 def classification_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``[summed loss, top-1 hits, top-5 hits, count]`` for one batch, as float64."""

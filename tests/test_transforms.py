@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2 as v2
 
 from pretrainlab.config import DataConfig, MaskConfig, MixupConfig, validate
 from pretrainlab.data.masks import block_patch_mask, make_masks, random_patch_mask
@@ -33,6 +34,42 @@ def test_each_image_gets_its_own_random_parameters():
     out = ImagePipeline([{"type": "RandomCrop", "size": 8, "padding": 2}, {"type": "RandomHorizontalFlip"}])(images)
     assert out.shape == images.shape and out.dtype == torch.uint8
     assert len({o.numpy().tobytes() for o in out}) > 10
+
+
+BATCHED_OPS = [
+    {"type": "Resize", "size": 12},
+    {"type": "CenterCrop", "size": 8},
+    {"type": "Pad", "padding": 1, "fill": 7},
+    {"type": "RandomCrop", "size": 8, "padding": 2, "padding_mode": "reflect"},
+    {"type": "RandomCrop", "size": 12, "pad_if_needed": True},
+    {"type": "RandomResizedCrop", "size": 10, "scale": [0.2, 1.0], "ratio": [0.5, 2.0]},
+    {"type": "RandomHorizontalFlip"},
+    {"type": "RandomVerticalFlip", "p": 0.3},
+]
+
+
+@pytest.mark.parametrize("spec", BATCHED_OPS, ids=lambda spec: spec["type"])
+def test_batched_ops_give_what_torchvision_gives_per_image(spec):
+    pipeline = ImagePipeline([spec])
+    assert pipeline.batch_ops[0] is not None
+    images = torch.randint(0, 256, (48, 3, 9, 11), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    per_image = torch.stack([pipeline.ops[0](image) for image in images])
+    torch.manual_seed(5)
+    assert torch.equal(pipeline(images), per_image)
+
+
+def test_per_image_ops_between_batched_ones():
+    pipeline = ImagePipeline(
+        [
+            {"type": "RandomResizedCrop", "size": 12},
+            {"type": "RandomRotation", "degrees": 30},  # per image
+            {"type": "RandomHorizontalFlip"},  # on the whole batch again: the rotation kept one size
+        ]
+    )
+    assert [op is None for op in pipeline.batch_ops] == [False, True, False]
+    out = pipeline(torch.randint(0, 256, (16, 1, 16, 16), dtype=torch.uint8))
+    assert out.shape == (16, 1, 12, 12) and out.dtype == torch.uint8
 
 
 def test_unknown_op_and_bad_arguments_are_named():

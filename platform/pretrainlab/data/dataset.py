@@ -73,12 +73,12 @@ def decode_images(batch: dict[str, np.ndarray]) -> np.ndarray:
         if wrong.size:
             row = int(wrong[0])
             raise DatasetError(f"{_row(batch, row)}: raw image has {sizes[row]} bytes, not {h}x{w}x{c}")
-        out = np.frombuffer(bytearray(b"".join(images)), np.uint8).reshape(len(images), h, w, c)
-    else:
-        out = np.empty((len(images), h, w, c), np.uint8)
-        for i, (data, image_format) in enumerate(zip(images, batch["image_format"], strict=True)):
-            out[i] = _decode(data, image_format, h, w, c, batch, i)
-    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+        pixels = np.frombuffer(bytearray(b"".join(images)), np.uint8).reshape(len(images), h, w, c)
+        return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+    out = np.empty((len(images), c, h, w), np.uint8)
+    for i, (data, image_format) in enumerate(zip(images, batch["image_format"], strict=True)):
+        out[i] = _decode(data, image_format, h, w, c, batch, i)
+    return out
 
 
 def load_split_numpy(dataset_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -107,23 +107,25 @@ def load_split_numpy(dataset_dir: str | os.PathLike, split: str) -> tuple[np.nda
 
 
 def _decode(data: bytes, image_format: str, h: int, w: int, c: int, batch: dict[str, np.ndarray], i: int) -> np.ndarray:
+    """One row's pixels, C x H x W."""
     if image_format == "raw":
         if len(data) != h * w * c:
             raise DatasetError(f"{_row(batch, i)}: raw image has {len(data)} bytes, not {h}x{w}x{c}")
-        return np.frombuffer(data, np.uint8).reshape(h, w, c)
+        return np.frombuffer(data, np.uint8).reshape(h, w, c).transpose(2, 0, 1)
     if image_format not in ("png", "jpeg"):
         raise DatasetError(f"{_row(batch, i)}: unknown image_format {image_format!r} (raw, png or jpeg)")
     if c not in _PIL_MODES:
         raise DatasetError(f"{_row(batch, i)}: {image_format} images need 1, 3 or 4 channels, not {c}")
+    mode = _PIL_MODES[c]
     try:
         with Image.open(io.BytesIO(data), formats=[image_format.upper()]) as image:
-            pixels = np.asarray(image.convert(_PIL_MODES[c])).reshape(image.height, image.width, c)
+            pixels = np.asarray(image if image.mode == mode else image.convert(mode)).reshape(image.height, -1, c)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{_row(batch, i)}: cannot decode {image_format} image: {e}") from None
     if pixels.shape[:2] != (h, w):
         height, width = pixels.shape[:2]
         raise DatasetError(f"{_row(batch, i)}: decoded image is {height}x{width}, row says {h}x{w}")
-    return pixels
+    return pixels.transpose(2, 0, 1)
 
 
 def _row(batch: dict[str, np.ndarray], i: int) -> str:

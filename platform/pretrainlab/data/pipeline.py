@@ -62,18 +62,29 @@ class Preprocessor:
         return out
 
 
+def batch_blocks(ds: ray.data.Dataset, cfg: ExperimentConfig) -> ray.data.Dataset:
+    """``ds`` cut (streaming, no shuffle) into blocks of one training batch each.
+
+    Cut once, before ``materialize``, so that even a single large shard is augmented by
+    several ``map_batches`` tasks in parallel every epoch.
+    """
+    return ds.repartition(target_num_rows_per_block=cfg.train.batch_size)
+
+
 def augment_in_ray_data(ds: ray.data.Dataset, cfg: ExperimentConfig) -> ray.data.Dataset:
     """``ds`` decoded and augmented by ``map_batches`` tasks (``data.augment_on: ray_data``).
 
-    Blocks are first cut (streaming, no shuffle) to one batch each, so that even a
-    single large shard is augmented by several tasks in parallel.
+    Ray Data's per-operator resource reservation is turned off for this dataset: with one
+    map operator it would hold back half of a small node's CPUs.
     """
-    return ds.repartition(target_num_rows_per_block=cfg.train.batch_size).map_batches(
+    augmented = ds.map_batches(
         Preprocessor(cfg.data, train=True),
         batch_format="numpy",
         batch_size=cfg.train.batch_size,
         num_cpus=cfg.data.ray_data_cpus,
     )
+    augmented.context.op_resource_reservation_enabled = False
+    return augmented
 
 
 def training_batches(shard: Any, cfg: ExperimentConfig, epoch: int) -> Iterator[dict[str, np.ndarray]]:

@@ -9,8 +9,10 @@ its keyword arguments::
       - {type: TimmRandAugment, config: rand-m9-mstd0.5}
       - {type: RandomErasing, p: 0.25}
 
-Ops work on uint8 ``C x H x W`` tensors, one image at a time (each image gets its own random
-parameters); every op in a pipeline must leave all images of a batch the same size.
+Ops work on uint8 ``C x H x W`` tensors and every image gets its own random parameters;
+every op in a pipeline must leave all images of a batch the same size. The common geometric
+ops run on the whole batch at once (:func:`batched`), with torchvision's own parameter
+sampling and kernels, so their output is what the per-image op would give.
 Normalisation (``data.mean`` / ``data.std``) comes last, on the training worker, in
 :func:`normalize`. Evaluation, training and serving all build their transforms here.
 """
@@ -18,6 +20,7 @@ Normalisation (``data.mean`` / ``data.std``) comes last, on the training worker,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -122,23 +125,58 @@ class _OnPIL:
         return tensor[:1] if grey else tensor
 
 
+def batched(op: Callable) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A whole-batch form of ``op`` (uint8 N x C x H x W in and out), or None when it only runs per image.
+
+    Deterministic ops (``Resize``, ``CenterCrop``, ``Pad``) are applied to the batch in one
+    call; flips draw one Bernoulli per image; ``RandomCrop`` and ``RandomResizedCrop`` draw
+    each image's parameters with the op's own ``make_params`` and skip the per-call dispatch.
+    """
+    if isinstance(op, v2.Resize | v2.CenterCrop | v2.Pad):
+        return op
+    if isinstance(op, v2.RandomHorizontalFlip):
+        return partial(_random_flip, p=op.p, dim=-1)
+    if isinstance(op, v2.RandomVerticalFlip):
+        return partial(_random_flip, p=op.p, dim=-2)
+    if isinstance(op, v2.RandomCrop | v2.RandomResizedCrop):
+        return partial(_with_own_params, op)
+    return None
+
+
+def _random_flip(images: torch.Tensor, p: float, dim: int) -> torch.Tensor:
+    flip = (torch.rand(len(images)) < p).view(-1, 1, 1, 1)
+    return torch.where(flip, images.flip(dim), images)
+
+
+def _with_own_params(op: v2.Transform, images: torch.Tensor) -> torch.Tensor:
+    return torch.stack([op.transform(image, op.make_params([image])) for image in images])
+
+
 class ImagePipeline:
     """A list of ops applied to every image of a uint8 ``N x C x H x W`` batch, each with its own randomness."""
 
     def __init__(self, specs: Sequence[dict[str, Any]], where: str = "pipeline") -> None:
+        self.where = where
         self.ops = [build_op(spec, f"{where}[{i}]") for i, spec in enumerate(specs)]
-        self.transform = v2.Compose(self.ops) if self.ops else None
+        self.batch_ops = [batched(op) for op in self.ops]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 N x C x H x W images, got {images.dtype} {tuple(images.shape)}")
-        if self.transform is None:
-            return images
-        outputs = [self.transform(image) for image in images]
-        shapes = {tuple(o.shape) for o in outputs}
-        if len(shapes) > 1:
-            raise PipelineError(f"pipeline gave images of several sizes {sorted(shapes)}; end it with a fixed-size op")
-        return torch.stack(outputs)
+        current: torch.Tensor | list[torch.Tensor] = images
+        for op, batch_op in zip(self.ops, self.batch_ops, strict=True):
+            if batch_op is not None and isinstance(current, torch.Tensor):
+                current = batch_op(current)
+            else:
+                current = _stack_if_same_size([op(image) for image in current])
+        if isinstance(current, list):
+            shapes = sorted({tuple(image.shape) for image in current})
+            raise PipelineError(f"{self.where} gave images of several sizes {shapes}; end it with a fixed-size op")
+        return current
+
+
+def _stack_if_same_size(images: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    return torch.stack(images) if len({image.shape for image in images}) == 1 else images
 
 
 def normalize(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:

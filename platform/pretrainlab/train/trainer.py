@@ -10,7 +10,7 @@ from ray.train.torch import TorchTrainer
 from pretrainlab.config import ExperimentConfig
 from pretrainlab.data.catalog import dataset_info
 from pretrainlab.data.dataset import read_split
-from pretrainlab.data.pipeline import augment_in_ray_data
+from pretrainlab.data.pipeline import augment_in_ray_data, batch_blocks
 from pretrainlab.paths import resolve
 from pretrainlab.train.loop import train_loop_per_worker
 
@@ -27,11 +27,14 @@ def wants_gpu(cfg: ExperimentConfig) -> bool:
 def build_datasets(cfg: ExperimentConfig, data_folder: str) -> dict[str, ray.data.Dataset]:
     """The train and val Ray Datasets that the workers' shards come from.
 
-    Both are materialised once when ``data.materialize``; with ``data.augment_on: ray_data``
-    the train set is decoded and augmented in ``map_batches`` tasks every epoch.
+    Both are materialised once when ``data.materialize`` (still encoded); with
+    ``data.augment_on: ray_data`` the train set is first cut into batch-sized blocks, and
+    decoded and augmented in ``map_batches`` tasks every epoch.
     """
     DataContext.get_current().enable_progress_bars = False  # keep job logs readable
     datasets = {split: read_split(data_folder, split) for split in TRAIN_SPLITS}
+    if cfg.data.augment_on == "ray_data":
+        datasets["train"] = batch_blocks(datasets["train"], cfg)
     if cfg.data.materialize:
         datasets = {split: ds.materialize() for split, ds in datasets.items()}
     if cfg.data.augment_on == "ray_data":

@@ -80,7 +80,7 @@ def test_decode_png_rows_to_the_rows_channels():
 def test_decode_raw_rows():
     pixels = np.arange(2 * 2 * 3 * 4, dtype=np.uint8).reshape(2, 2, 3, 4)
     decoded = decode_images(_batch([x.tobytes() for x in pixels], "raw", 2, 3, 4))
-    assert decoded.flags.c_contiguous
+    assert decoded.transpose(0, 2, 3, 1).flags.c_contiguous  # channels-last storage, no copy
     np.testing.assert_array_equal(decoded, pixels.transpose(0, 3, 1, 2))
 
 

@@ -10,7 +10,7 @@ import torchvision.transforms.v2 as v2
 from pretrainlab.config import DataConfig, MaskConfig, MixupConfig, validate
 from pretrainlab.data.masks import block_patch_mask, make_masks, random_patch_mask
 from pretrainlab.data.pipeline import Preprocessor, build_mixup, to_model_inputs
-from pretrainlab.data.transforms import ImagePipeline, PipelineError, normalize, train_views
+from pretrainlab.data.transforms import ImagePipeline, PipelineError, normalize, resized_crop_boxes, train_views
 
 
 def rows(images: np.ndarray, labels=None) -> dict[str, np.ndarray]:
@@ -42,7 +42,6 @@ BATCHED_OPS = [
     {"type": "Pad", "padding": 1, "fill": 7},
     {"type": "RandomCrop", "size": 8, "padding": 2, "padding_mode": "reflect"},
     {"type": "RandomCrop", "size": 12, "pad_if_needed": True},
-    {"type": "RandomResizedCrop", "size": 10, "scale": [0.2, 1.0], "ratio": [0.5, 2.0]},
     {"type": "RandomHorizontalFlip"},
     {"type": "RandomVerticalFlip", "p": 0.3},
 ]
@@ -57,6 +56,39 @@ def test_batched_ops_give_what_torchvision_gives_per_image(spec):
     per_image = torch.stack([pipeline.ops[0](image) for image in images])
     torch.manual_seed(5)
     assert torch.equal(pipeline(images), per_image)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "scale", "ratio"),
+    [(9, 11, (0.2, 1.0), (0.5, 2.0)), (32, 32, (0.08, 1.0), (3 / 4, 4 / 3)), (8, 30, (0.9, 1.0), (0.9, 1.1))],
+)
+def test_batched_random_resized_crop_samples_boxes_like_torchvision(height, width, scale, ratio):
+    op = v2.RandomResizedCrop(4, scale=scale, ratio=ratio)
+    image = torch.zeros(1, height, width, dtype=torch.uint8)
+    torch.manual_seed(0)
+    theirs = torch.tensor(
+        [[p[k] for k in ("top", "left", "height", "width")] for p in (op.make_params([image]) for _ in range(4000))]
+    ).double()
+    ours = resized_crop_boxes(4000, height, width, scale, ratio)
+    assert (
+        (ours[:, 2:] > 0).all()
+        and (ours[:, 0] + ours[:, 2] <= height).all()
+        and (ours[:, 1] + ours[:, 3] <= width).all()
+    )
+    ours = ours.double()
+    torch.testing.assert_close(ours.mean(0), theirs.mean(0), atol=0.25, rtol=0.03)
+    torch.testing.assert_close(ours.std(0), theirs.std(0), atol=0.25, rtol=0.06)
+
+
+def test_batched_random_resized_crop_resizes_the_sampled_box():
+    pipeline = ImagePipeline([{"type": "RandomResizedCrop", "size": 10, "scale": [0.2, 1.0]}])
+    images = torch.randint(0, 256, (16, 3, 9, 11), dtype=torch.uint8)
+    torch.manual_seed(2)
+    boxes = resized_crop_boxes(16, 9, 11, (0.2, 1.0), (3 / 4, 4 / 3))
+    torch.manual_seed(2)
+    out = pipeline(images)
+    for image, crop, box in zip(images, out, boxes.tolist(), strict=True):
+        assert torch.equal(crop, v2.functional.resized_crop(image, *box, [10, 10], antialias=True))
 
 
 def test_per_image_ops_between_batched_ones():

@@ -48,8 +48,9 @@ def decode_images(batch: dict[str, np.ndarray]) -> np.ndarray:
             ``width``, ``channels``; ``source_id``, when present, names bad rows.
 
     Returns:
-        A C-contiguous uint8 array; PNG/JPEG rows are converted to the row's channel
-        count (1: grey, 3: RGB, 4: RGBA).
+        uint8 N x C x H x W, stored channels-last (an N x H x W x C array transposed,
+        which resizes faster and costs no copy); PNG/JPEG rows are converted to the
+        row's channel count (1: grey, 3: RGB, 4: RGBA).
 
     Raises:
         DatasetError: an empty batch, rows of different shapes, an unknown format, or
@@ -74,11 +75,11 @@ def decode_images(batch: dict[str, np.ndarray]) -> np.ndarray:
             row = int(wrong[0])
             raise DatasetError(f"{_row(batch, row)}: raw image has {sizes[row]} bytes, not {h}x{w}x{c}")
         pixels = np.frombuffer(bytearray(b"".join(images)), np.uint8).reshape(len(images), h, w, c)
-        return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
-    out = np.empty((len(images), c, h, w), np.uint8)
+        return pixels.transpose(0, 3, 1, 2)
+    out = np.empty((len(images), h, w, c), np.uint8)
     for i, (data, image_format) in enumerate(zip(images, batch["image_format"], strict=True)):
         out[i] = _decode(data, image_format, h, w, c, batch, i)
-    return out
+    return out.transpose(0, 3, 1, 2)
 
 
 def load_split_numpy(dataset_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -103,15 +104,15 @@ def load_split_numpy(dataset_dir: str | os.PathLike, split: str) -> tuple[np.nda
     if labels.null_count:
         raise DatasetError(f"{dataset_dir}: split {split!r} has {labels.null_count} unlabelled rows")
     batch = {name: table.column(name).to_numpy() for name in table.column_names}
-    return decode_images(batch), batch["label"].astype(np.int64)
+    return np.ascontiguousarray(decode_images(batch)), batch["label"].astype(np.int64)
 
 
 def _decode(data: bytes, image_format: str, h: int, w: int, c: int, batch: dict[str, np.ndarray], i: int) -> np.ndarray:
-    """One row's pixels, C x H x W."""
+    """One row's pixels, H x W x C."""
     if image_format == "raw":
         if len(data) != h * w * c:
             raise DatasetError(f"{_row(batch, i)}: raw image has {len(data)} bytes, not {h}x{w}x{c}")
-        return np.frombuffer(data, np.uint8).reshape(h, w, c).transpose(2, 0, 1)
+        return np.frombuffer(data, np.uint8).reshape(h, w, c)
     if image_format not in ("png", "jpeg"):
         raise DatasetError(f"{_row(batch, i)}: unknown image_format {image_format!r} (raw, png or jpeg)")
     if c not in _PIL_MODES:
@@ -125,7 +126,7 @@ def _decode(data: bytes, image_format: str, h: int, w: int, c: int, batch: dict[
     if pixels.shape[:2] != (h, w):
         height, width = pixels.shape[:2]
         raise DatasetError(f"{_row(batch, i)}: decoded image is {height}x{width}, row says {h}x{w}")
-    return pixels.transpose(2, 0, 1)
+    return pixels
 
 
 def _row(batch: dict[str, np.ndarray], i: int) -> str:

@@ -129,8 +129,9 @@ def batched(op: Callable) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A whole-batch form of ``op`` (uint8 N x C x H x W in and out), or None when it only runs per image.
 
     Deterministic ops (``Resize``, ``CenterCrop``, ``Pad``) are applied to the batch in one
-    call; flips draw one Bernoulli per image; ``RandomCrop`` and ``RandomResizedCrop`` draw
-    each image's parameters with the op's own ``make_params`` and skip the per-call dispatch.
+    call; flips draw one Bernoulli per image; ``RandomCrop`` draws each image's parameters
+    with the op's own ``make_params``, ``RandomResizedCrop`` all boxes at once
+    (:func:`resized_crop_boxes`); both skip the per-call dispatch.
     """
     if isinstance(op, v2.Resize | v2.CenterCrop | v2.Pad):
         return op
@@ -138,18 +139,67 @@ def batched(op: Callable) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return partial(_random_flip, p=op.p, dim=-1)
     if isinstance(op, v2.RandomVerticalFlip):
         return partial(_random_flip, p=op.p, dim=-2)
-    if isinstance(op, v2.RandomCrop | v2.RandomResizedCrop):
+    if isinstance(op, v2.RandomResizedCrop):
+        return partial(_random_resized_crop, op)
+    if isinstance(op, v2.RandomCrop):
         return partial(_with_own_params, op)
     return None
 
 
 def _random_flip(images: torch.Tensor, p: float, dim: int) -> torch.Tensor:
-    flip = (torch.rand(len(images)) < p).view(-1, 1, 1, 1)
-    return torch.where(flip, images.flip(dim), images)
+    chosen = (torch.rand(len(images)) < p).nonzero().flatten().tolist()
+    out = images.clone()
+    for i in chosen:  # one small copy per flipped image beats advanced indexing over the batch
+        out[i] = images[i].flip(dim)
+    return out
 
 
 def _with_own_params(op: v2.Transform, images: torch.Tensor) -> torch.Tensor:
     return torch.stack([op.transform(image, op.make_params([image])) for image in images])
+
+
+def _random_resized_crop(op: v2.RandomResizedCrop, images: torch.Tensor) -> torch.Tensor:
+    boxes = resized_crop_boxes(len(images), *images.shape[-2:], op.scale, op.ratio).tolist()
+    return torch.stack(
+        [
+            v2.functional.resized_crop(image, *box, op.size, interpolation=op.interpolation, antialias=op.antialias)
+            for image, box in zip(images, boxes, strict=True)
+        ]
+    )
+
+
+def resized_crop_boxes(
+    n: int, height: int, width: int, scale: Sequence[float], ratio: Sequence[float], attempts: int = 10
+) -> torch.Tensor:
+    """``n`` RandomResizedCrop boxes (top, left, height, width), int64 ``n x 4``.
+
+    torchvision's sampling, drawn for all images at once: up to ``attempts`` tries of an
+    area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio``, the first that
+    fits the image wins, else the central crop clamped to ``ratio``.
+    """
+    area = height * width
+    target_area = area * torch.empty(n, attempts, dtype=torch.float64).uniform_(scale[0], scale[1])
+    log_ratio = torch.log(torch.tensor(ratio, dtype=torch.float64))
+    aspect = torch.exp(torch.empty(n, attempts, dtype=torch.float64).uniform_(log_ratio[0], log_ratio[1]))
+    w = torch.sqrt(target_area * aspect).round().long()
+    h = torch.sqrt(target_area / aspect).round().long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    fallback = ~fits.any(dim=1)
+    if fallback.any():
+        in_ratio = width / height
+        if in_ratio < min(ratio):
+            fw, fh = width, round(width / min(ratio))
+        elif in_ratio > max(ratio):
+            fw, fh = round(height * max(ratio)), height
+        else:
+            fw, fh = width, height
+        w[fallback], h[fallback] = fw, fh
+    top = (torch.rand(n, dtype=torch.float64) * (height - h + 1)).long()
+    left = (torch.rand(n, dtype=torch.float64) * (width - w + 1)).long()
+    top[fallback], left[fallback] = (height - h[fallback]) // 2, (width - w[fallback]) // 2
+    return torch.stack([top, left, h, w], dim=1)
 
 
 class ImagePipeline:
@@ -172,7 +222,7 @@ class ImagePipeline:
         if isinstance(current, list):
             shapes = sorted({tuple(image.shape) for image in current})
             raise PipelineError(f"{self.where} gave images of several sizes {shapes}; end it with a fixed-size op")
-        return current
+        return current.contiguous()
 
 
 def _stack_if_same_size(images: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:

@@ -26,12 +26,10 @@ import yaml
 
 from pretrainlab.cluster import init_ray, ray_job_tags
 from pretrainlab.config import ConfigError, load_config
-from pretrainlab.data.catalog import dataset_dir, dataset_info
 from pretrainlab.data.errors import DatasetError
-from pretrainlab.data.transforms import PipelineError, eval_pipeline, train_views
+from pretrainlab.data.transforms import PipelineError
 from pretrainlab.models.backbones import BackboneError
 from pretrainlab.paths import project_home
-from pretrainlab.strategies import get_strategy
 from pretrainlab.tracking.mlflow import (
     CHECKPOINT_ARTIFACT,
     TrackingError,
@@ -44,7 +42,7 @@ from pretrainlab.tracking.mlflow import (
     start_or_resume_run,
 )
 from pretrainlab.train.evaluate import evaluate_checkpoint
-from pretrainlab.train.trainer import build_trainer
+from pretrainlab.train.trainer import build_trainer, check_experiment
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,12 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.set)
         tracking_uri = resolve_tracking_uri(cfg.runtime.tracking_uri)
         check_tracking(tracking_uri)
-        data_folder = dataset_dir(cfg)
-        info = dataset_info(data_folder)
-        # fail here, not inside a Ray worker
-        get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"])
-        train_views(cfg.data)
-        eval_pipeline(cfg.data)
+        data_folder = check_experiment(cfg)  # fail here, not inside a Ray worker
     except (ConfigError, TrackingError, DatasetError, BackboneError, PipelineError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -171,6 +171,80 @@ class RuntimeConfig(_Section):
     registered_model: str | None = Field(None, description="Register the final checkpoint under this model name.")
 
 
+SEARCH_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+class SearchDimension(_Section):
+    """One axis of a sweep's search space, written ``{KIND: [values or low, high]}`` in YAML.
+
+    ``choice`` samples one of the values, ``grid`` tries every value (times
+    ``num_samples``), ``uniform`` / ``loguniform`` sample a float in ``[low, high]``,
+    ``randint`` an integer in ``[low, high)``.
+    """
+
+    kind: Literal["choice", "grid", "uniform", "loguniform", "randint"]
+    values: list[Any] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_one_key_mapping(cls, data: Any) -> Any:
+        if isinstance(data, dict) and len(data) == 1 and next(iter(data)) in SEARCH_KINDS:
+            kind, values = next(iter(data.items()))
+            return {"kind": kind, "values": values}
+        if isinstance(data, dict) and "kind" in data:
+            return data
+        raise ValueError(f"expected one of {{{', '.join(SEARCH_KINDS)}}}: [...], got {data!r}")
+
+    @model_validator(mode="after")
+    def _range_is_valid(self) -> SearchDimension:
+        if self.kind in ("choice", "grid"):
+            return self
+        if len(self.values) != 2 or not all(isinstance(v, int | float) for v in self.values):
+            raise ValueError(f"{self.kind} needs [low, high], got {self.values}")
+        low, high = self.values
+        if low >= high:
+            raise ValueError(f"{self.kind}: low must be below high, got {self.values}")
+        if self.kind == "loguniform" and low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {low}")
+        if self.kind == "randint" and not all(isinstance(v, int) for v in self.values):
+            raise ValueError(f"randint needs integer bounds, got {self.values}")
+        return self
+
+
+class SchedulerConfig(_Section):
+    """The trial scheduler: ASHA stops bad trials early, PBT copies good ones, ``none`` runs all to the end."""
+
+    type: Literal["asha", "pbt", "none"] = "asha"
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it may be stopped.")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: 1/reduction_factor of trials go on at a rung.")
+    perturbation_interval: int = Field(1, ge=1, description="PBT: epochs between exploit/explore steps.")
+    quantile_fraction: float = Field(0.5, gt=0, le=0.5, description="PBT: the bottom fraction copies the top.")
+    resample_probability: float = Field(0.25, ge=0, le=1, description="PBT: resample instead of perturb.")
+
+
+class SweepConfig(_Section):
+    """A Ray Tune sweep over config keys (``jobs/sweep.py``); each trial trains like ``jobs/pretrain.py``."""
+
+    space: dict[str, SearchDimension] = Field(min_length=1, description="Dotted config key -> search dimension.")
+    metric: str = "val/top1"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(4, ge=1, description="Trials to sample (each grid point this many times).")
+    max_concurrent_trials: int = Field(2, ge=1, description="At most; fewer when the cluster cannot fit them.")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    search_alg: Literal["random", "grid", "optuna"] = Field(
+        "random", description="random (grid axes expanded), grid (every axis a grid), optuna (if installed)."
+    )
+
+    @model_validator(mode="after")
+    def _search_fits_space(self) -> SweepConfig:
+        kinds = {key: dim.kind for key, dim in self.space.items()}
+        if self.search_alg == "grid" and (bad := [k for k, kind in kinds.items() if kind not in ("grid", "choice")]):
+            raise ValueError(f"search_alg grid needs grid or choice axes; not: {', '.join(bad)}")
+        if self.search_alg == "optuna" and (bad := [k for k, kind in kinds.items() if kind == "grid"]):
+            raise ValueError(f"search_alg optuna samples every axis; use choice instead of grid for: {', '.join(bad)}")
+        return self
+
+
 class ExperimentConfig(_Section):
     """A whole experiment; the YAML files under configs/ are instances of this."""
 
@@ -182,6 +256,7 @@ class ExperimentConfig(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    sweep: SweepConfig | None = Field(None, description="Only read by jobs/sweep.py.")
 
     @field_validator("name")
     @classmethod
@@ -270,16 +345,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw.strip() else raw
         except yaml.YAMLError:
             value = raw
-        node = data
-        parts = key.strip().split(".")
-        for depth, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                where = ".".join(parts[: depth + 1])
-                raise ConfigError(f"override {item!r}: {where} is a value, not a section")
-            node = child
-        node[parts[-1]] = value
+        set_dotted(data, key.strip(), value, f"override {item!r}")
     return data
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Set ``data["a"]["b"] = value`` for ``key`` ``a.b`` in place, creating sections as needed."""
+    node = data
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        if node.get(part) is None:  # a missing or unset optional section
+            node[part] = {}
+        child = node[part]
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {'.'.join(parts[: depth + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
 
 
 def _model_for(path: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -1,10 +1,13 @@
-"""``train_loop_per_worker``: what each Ray Train worker runs.
+"""The training loop: what each Ray Train worker runs (``train_loop_per_worker``), and
+what a Ray Tune PBT trial runs by itself (``run_loop`` with a ``TuneTrialSession``).
 
 Every worker builds the same model, iterates its own shard of the training split, and
 evaluates its shard of the validation split; validation sums are added across workers.
 Rank 0 logs to MLflow and writes the checkpoint that every worker reports at the end of
-each epoch. On restart, ``ray.train.get_checkpoint()`` restores model, optimizer,
-scheduler, epoch, step, RNG state and the MLflow run id.
+each epoch. On restart the session's checkpoint restores model, optimizer, scheduler,
+epoch, step and RNG state; the config's learning rate, weight decay and momentum then
+apply again, so a PBT trial that copied another trial's checkpoint trains with its own
+new hyperparameters (the copy is recorded in MLflow).
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray.train
-import ray.train.torch
 import torch
 from torch import nn
 
@@ -27,8 +28,9 @@ from pretrainlab.strategies import get_strategy
 from pretrainlab.tracking.mlflow import MetricLogger, client_for
 from pretrainlab.train.checkpoint import load_checkpoint, save_checkpoint
 from pretrainlab.train.evaluate import all_reduce_sums, classification_sums, metrics_from_sums
-from pretrainlab.train.optim import build_optimizer
+from pretrainlab.train.optim import apply_hyperparameters, build_optimizer
 from pretrainlab.train.schedule import build_scheduler
+from pretrainlab.train.session import LoopSession, TrainWorkerSession
 
 
 def steps_per_epoch(train_count: int, batch_size: int, num_workers: int) -> int:
@@ -61,13 +63,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loop_config: ``{"config": resolved ExperimentConfig dict, "dataset": {"num_classes",
             "in_chans", "class_names", "train_count"}, "tracking": {"uri", "run_id"}}``.
     """
+    run_loop(loop_config, TrainWorkerSession())
+
+
+def run_loop(loop_config: dict[str, Any], session: LoopSession) -> None:
+    """The loop of :func:`train_loop_per_worker`, in whichever ``session`` runs it."""
     cfg = ExperimentConfig.model_validate(loop_config["config"])
     info = loop_config["dataset"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world = session.rank, session.world_size
     torch.set_num_threads(cfg.train.cpus_per_worker)
     torch.manual_seed(cfg.runtime.seed)
-    device = ray.train.torch.get_device()
+    device = session.device
 
     model = get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"])
     channels_last = device.type == "cuda" and uses_convolutions(model)
@@ -79,21 +85,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     autocast, scaler = autocast_for(device)
 
     start_epoch, step, run_id = 0, 0, loop_config["tracking"]["run_id"]
-    restored = ray.train.get_checkpoint()
+    client = client_for(loop_config["tracking"]["uri"]) if rank == 0 else None
+    restored = session.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
             ckpt = load_checkpoint(folder, with_training_state=True)
         model.load_state_dict(ckpt.weights)
         optimizer.load_state_dict(ckpt.training_state["optimizer"])
         scheduler.load_state_dict(ckpt.training_state["scheduler"])
+        apply_hyperparameters(optimizer, scheduler, cfg.optim)
         if scaler is not None and "scaler" in ckpt.training_state:
             scaler.load_state_dict(ckpt.training_state["scaler"])
         torch.set_rng_state(ckpt.training_state["rng"]["torch"])
-        start_epoch, step, run_id = ckpt.meta["epoch"], ckpt.meta["step"], ckpt.meta["mlflow_run_id"]
+        start_epoch, step = ckpt.meta["epoch"], ckpt.meta["step"]
         print(f"[rank {rank}] resumed from epoch {start_epoch}, step {step}")
+        source_run = ckpt.meta["mlflow_run_id"]
+        if client is not None and source_run != run_id:  # PBT: this trial copied a better one's checkpoint
+            client.set_tag(run_id, "pretrainlab.exploited_from", f"run {source_run} at epoch {start_epoch}")
+            MetricLogger(client, run_id).log({"pbt/exploit": 1.0}, step)
 
-    model = ray.train.torch.prepare_model(model)
-    logger = MetricLogger(client_for(loop_config["tracking"]["uri"]), run_id) if rank == 0 else None
+    model = session.prepare_model(model)
+    logger = MetricLogger(client, run_id) if client is not None else None
     augment = Preprocessor(cfg.data, train=True) if cfg.data.augment_on == "worker" else None
     prepare_eval = Preprocessor(cfg.data, train=False)
     mixup = build_mixup(cfg.data, info["num_classes"], cfg.model.label_smoothing)
@@ -103,7 +115,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model.train()
         epoch_start = window_start = time.perf_counter()
         window_loss, window_steps = 0.0, 0
-        shard = ray.train.get_dataset_shard("train")
+        shard = session.dataset("train")
         for rows in training_batches(shard, cfg, epoch):
             batch = to_model_inputs(augment(rows) if augment else rows, cfg.data, device)
             if mixup is not None:
@@ -142,7 +154,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model.eval()
         sums = torch.zeros(4, dtype=torch.float64)
         with torch.no_grad(), autocast:
-            val_shard = ray.train.get_dataset_shard("val")
+            val_shard = session.dataset("val")
             for rows in val_shard.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="numpy"):
                 batch = to_model_inputs(prepare_eval(rows), cfg.data, device)
                 sums += classification_sums(model({"image": batch["image"]})["logits"], batch["label"])
@@ -176,5 +188,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         **({"scaler": scaler.state_dict()} if scaler is not None else {}),
                     },
                 )
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=checkpoint)
+                checkpoint = session.checkpoint_from(folder)
+            session.report(metrics, checkpoint)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import ray
 from ray.data import DataContext
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
 from pretrainlab.config import ExperimentConfig
-from pretrainlab.data.catalog import dataset_info
+from pretrainlab.data.catalog import dataset_dir, dataset_info
 from pretrainlab.data.dataset import read_split
 from pretrainlab.data.pipeline import augment_in_ray_data, batch_blocks
+from pretrainlab.data.transforms import eval_pipeline, train_views
 from pretrainlab.paths import resolve
+from pretrainlab.strategies import get_strategy
 from pretrainlab.train.loop import train_loop_per_worker
 
 TRAIN_SPLITS = ("train", "val")
@@ -22,6 +24,23 @@ def wants_gpu(cfg: ExperimentConfig) -> bool:
     if cfg.train.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) > 0
     return bool(cfg.train.use_gpu)
+
+
+def check_experiment(cfg: ExperimentConfig) -> str:
+    """Everything that can fail before Ray starts: the dataset, the model and the pipelines.
+
+    Returns:
+        The prepared dataset folder.
+
+    Raises:
+        DatasetError, BackboneError, PipelineError: naming what is wrong.
+    """
+    data_folder = dataset_dir(cfg)
+    info = dataset_info(data_folder)
+    get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"])
+    train_views(cfg.data)
+    eval_pipeline(cfg.data)
+    return data_folder
 
 
 def build_datasets(cfg: ExperimentConfig, data_folder: str) -> dict[str, ray.data.Dataset]:
@@ -47,6 +66,7 @@ def build_trainer(
     run_name: str,
     data_folder: str,
     tracking: dict[str, str],
+    callbacks: list[UserCallback] | None = None,
 ) -> TorchTrainer:
     """A ``TorchTrainer`` running :func:`train_loop_per_worker` for ``cfg``.
 
@@ -55,6 +75,7 @@ def build_trainer(
         run_name: Ray Train run name; reusing a name resumes that run from its storage.
         data_folder: Prepared dataset folder (see :func:`pretrainlab.data.catalog.dataset_dir`).
         tracking: ``{"uri": ..., "run_id": ...}`` of the MLflow run the workers log to.
+        callbacks: Ray Train callbacks, such as Tune's ``TuneReportCallback`` in a sweep trial.
     """
     use_gpu = wants_gpu(cfg)
     datasets = build_datasets(cfg, data_folder)
@@ -75,6 +96,7 @@ def build_trainer(
                 checkpoint_score_order=checkpoints.score_mode,
             ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
     )

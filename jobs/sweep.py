@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     client.log_text(parent_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
     print(f"sweep {sweep_name!r}: MLflow parent run {parent_id} (experiment {cfg.runtime.experiment!r})")
 
-    sweep = SweepContext(cfg.to_dict(), data_folder, tracking_uri, parent_id, sweep_name)
+    sweep = SweepContext.create(cfg, data_folder, tracking_uri, parent_id, sweep_name)
     tracker = SweepTracker(sweep, sweep_config, cfg.runtime.experiment, cfg.train.epochs)
     try:
         tuner = build_tuner(cfg, sweep, tracker)

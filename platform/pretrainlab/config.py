@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -363,14 +363,19 @@ def set_dotted(data: dict[str, Any], key: str, value: Any, where: str) -> None:
     node[parts[-1]] = value
 
 
+def section_model(annotation: Any) -> type[BaseModel] | None:
+    """The section model of a field typed ``Section`` or ``Section | None``, else None."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def _model_for(path: tuple[Any, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] = ExperimentConfig
+    model: type[BaseModel] | None = ExperimentConfig
     for part in path:
-        field = model.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
+        field = model.model_fields.get(str(part)) if model else None
+        model = section_model(field.annotation) if field else None
     return model
 
 

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, get_args, get_origin
+from typing import Any, get_origin
 
 from pydantic import BaseModel
 from ray import tune
 
-from pretrainlab.config import ConfigError, ExperimentConfig, SearchDimension, SweepConfig, set_dotted, validate
+from pretrainlab.config import (
+    ConfigError,
+    ExperimentConfig,
+    SearchDimension,
+    SweepConfig,
+    section_model,
+    set_dotted,
+    validate,
+)
 
 
 def check_space(cfg: ExperimentConfig) -> SweepConfig:
@@ -26,7 +34,8 @@ def check_space(cfg: ExperimentConfig) -> SweepConfig:
             try:
                 trial_config(cfg, {key: value})
             except ConfigError as err:
-                raise ConfigError(f"sweep.space.{key}: value {value!r} is refused: {err}") from None
+                detail = "; ".join(line.strip() for line in str(err).splitlines()[1:]) or str(err)
+                raise ConfigError(f"sweep.space.{key}: value {value!r} is refused: {detail}") from None
     return cfg.sweep
 
 
@@ -81,17 +90,9 @@ def _check_key(key: str) -> None:
         annotation = model.model_fields[part].annotation
         if _is_mapping(annotation):
             return  # a free-form mapping such as model.backbone_kwargs takes any sub-key
-        model = _section(annotation)
+        model = section_model(annotation)
     if model is not None:
         raise ConfigError(f"sweep.space.{key}: a section; name one of its keys: {', '.join(model.model_fields)}")
-
-
-def _section(annotation: Any) -> type[BaseModel] | None:
-    """The section model of a field typed ``Section`` or ``Section | None``, else None."""
-    for candidate in (annotation, *get_args(annotation)):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
 
 
 def _is_mapping(annotation: Any) -> bool:

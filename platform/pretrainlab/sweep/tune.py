@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -47,6 +48,15 @@ class SweepContext:
     tracking_uri: str
     parent_run_id: str
     sweep_name: str
+
+    @classmethod
+    def create(
+        cls, cfg: ExperimentConfig, data_folder: str, tracking_uri: str, parent_run_id: str, sweep_name: str
+    ) -> SweepContext:
+        """The context of ``cfg``'s sweep, with its storage path made absolute for trials on any node."""
+        base = cfg.to_dict()
+        base["train"]["storage_path"] = resolve(cfg.train.storage_path)
+        return cls(base, data_folder, tracking_uri, parent_run_id, sweep_name)
 
     def child_run_name(self, trial_id: str) -> str:
         """The MLflow (and Ray Train) run name of a trial."""
@@ -123,9 +133,7 @@ class SweepTracker(tune.Callback):
         self._finish(trial, reason, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        error = trial.get_error()
-        message = str(error).strip().splitlines()[-1] if error else "unknown error"
-        self._finish(trial, f"error: {message}"[:5000], "FAILED")
+        self._finish(trial, f"error: {_last_error_line(trial)}"[:5000], "FAILED")
 
     def _offer(self, trial: Trial, result: dict, path: str) -> None:
         value = result.get(self.config.metric)
@@ -156,6 +164,14 @@ class SweepTracker(tune.Callback):
             stop_reason=reason,
             status=status,
         )
+
+
+def _last_error_line(trial: Trial) -> str:
+    """The exception line of a failed trial's traceback."""
+    local = Path(trial.error_file) if trial.error_file else None
+    text = local.read_text() if local is not None and local.is_file() else str(trial.get_error() or "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error (see the trial's error.txt)"
 
 
 def trials_that_fit(cfg: ExperimentConfig, requested: int) -> int:
@@ -235,7 +251,8 @@ def build_tuner(cfg: ExperimentConfig, sweep: SweepContext, tracker: SweepTracke
             storage_path=resolve(cfg.train.storage_path),
             callbacks=[tracker],
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=cfg.train.checkpoint.num_to_keep,
+                # PBT copies any trial's latest checkpoint into another: keep them all
+                num_to_keep=None if config.scheduler.type == "pbt" else cfg.train.checkpoint.num_to_keep,
                 checkpoint_score_attribute=config.metric,
                 checkpoint_score_order=config.mode,
             ),

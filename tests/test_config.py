@@ -8,6 +8,7 @@ import yaml
 from conftest import CONFIGS
 from pretrainlab.config import ConfigError, ExperimentConfig, load_config, validate
 from pretrainlab.data.transforms import eval_pipeline, train_views
+from pretrainlab.sweep.space import check_space
 
 
 def write(path, data) -> str:
@@ -123,15 +124,17 @@ def test_flat_params_and_digest_are_stable():
     assert ExperimentConfig.model_validate(cfg.to_dict()) == cfg
 
 
-EXPERIMENTS = sorted(p for p in CONFIGS.glob("*.yaml"))
+EXPERIMENTS = sorted([*CONFIGS.glob("*.yaml"), *CONFIGS.glob("sweeps/*.yaml")])
 BASES = sorted(CONFIGS.glob("_base_/**/*.yaml"))
 
 
-@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[str(p.relative_to(CONFIGS)) for p in EXPERIMENTS])
 def test_every_checked_in_config_validates(path):
     cfg = load_config(path)
     assert cfg.name == path.stem, "a config's name must match its file name"
     assert train_views(cfg.data) and eval_pipeline(cfg.data)  # every op and its arguments build
+    if path.parent.name == "sweeps":
+        check_space(cfg)  # every key and every value of the search space
 
 
 @pytest.mark.parametrize("path", BASES, ids=[str(p.relative_to(CONFIGS)) for p in BASES])

@@ -136,7 +136,8 @@ def test_asha_sweep_tracks_every_trial_and_stops_bad_ones(_ray, project, capsys)
         assert (epochs == 4) == (child.data.tags[STOP_REASON_TAG] == "completed")
 
     best_child = max(children, key=lambda c: c.data.metrics["best/val/top1"])
-    assert parent.data.metrics["best/val/top1"] == best_child.data.metrics["best/val/top1"]
+    assert parent.data.metrics["sweep/best/val/top1"] == best_child.data.metrics["best/val/top1"]
+    assert "best/val/top1" not in parent.data.metrics  # the parent has no checkpoint to promote
     assert parent.data.tags["pretrainlab.best_run_id"] == best_child.info.run_id
     assert parent.data.metrics["sweep/trials"] == 4 and parent.data.metrics["sweep/trial_epochs"] < 16
     loaded = load_model(f"runs:/{best_child.info.run_id}/checkpoint")
@@ -147,6 +148,11 @@ def test_asha_sweep_tracks_every_trial_and_stops_bad_ones(_ray, project, capsys)
     table = pd.read_csv(io.StringIO(open(client.download_artifacts(parent.info.run_id, "sweep/results.csv")).read()))
     assert sorted(table["trial_id"]) == sorted(c.data.tags[TRIAL_TAG] for c in children)
     assert "best trial" in capsys.readouterr().out
+
+    import promote  # the winner becomes the registered model's champion
+
+    assert promote.main(["--experiment", "digits", "--metric", "best/val/top1", "--model", "digits-sweep"]) == 0
+    assert client.get_model_version_by_alias("digits-sweep", "champion").run_id == best_child.info.run_id
 
 
 def test_pbt_exploits_are_recorded_in_mlflow(_ray, project):

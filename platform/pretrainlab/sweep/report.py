@@ -61,6 +61,7 @@ def log_summary(client: MlflowClient, parent_run_id: str, outcomes: list[TrialOu
     client.log_metric(parent_run_id, "sweep/trial_epochs", int(table["epochs"].sum()))
     best = best_outcome(outcomes, config)
     if best is not None:
-        client.log_metric(parent_run_id, f"best/{config.metric}", best.best_metric)
+        # under sweep/ so that the parent (which has no checkpoint) never competes in jobs/promote.py
+        client.log_metric(parent_run_id, f"sweep/best/{config.metric}", best.best_metric)
         client.set_tag(parent_run_id, "pretrainlab.best_trial", best.trial_id)
         client.set_tag(parent_run_id, "pretrainlab.best_run_id", best.run_id)

@@ -2,6 +2,7 @@
 
     python benchmarks/sweep_asha.py [--epochs 8]
 
+ASHA runs with a grace period of 1 epoch and ``--reduction-factor`` (default 4, as Ray's).
 Both sweeps try the same 8 grid points (learning rate x weight decay) with the same seed,
 timm's tiny test ResNet on digits, 2 trials at a time on a local Ray, each logged to a
 fresh MLflow sqlite store. Compute is the number of trial-epochs trained (the parent
@@ -30,10 +31,16 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "test-resn
 SPACE = "sweep.space={optim.lr: {grid: [0.1, 0.0003, 0.03, 0.001]}, optim.weight_decay: {grid: [0.0, 0.0005]}}"
 
 
-def run(scheduler: str, epochs: int) -> tuple[float, float, float]:
+def run(scheduler: str, epochs: int, reduction_factor: float) -> tuple[float, float, float]:
     """(trial-epochs, best val/top1, wall seconds) of one sweep."""
     start = time.perf_counter()
-    overrides = [SPACE, "sweep.num_samples=1", f"sweep.scheduler.type={scheduler}", f"train.epochs={epochs}"]
+    overrides = [
+        SPACE,
+        "sweep.num_samples=1",
+        f"sweep.scheduler.type={scheduler}",
+        f"sweep.scheduler.reduction_factor={reduction_factor}",
+        f"train.epochs={epochs}",
+    ]
     code = sweep_job.main([str(CONFIG), "--name", scheduler, *[a for o in overrides for a in ("--set", o)]])
     if code != 0:
         raise SystemExit(f"the {scheduler} sweep failed with exit code {code}")
@@ -47,13 +54,14 @@ def run(scheduler: str, epochs: int) -> tuple[float, float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--reduction-factor", type=float, default=4.0, help="ASHA's (Ray's default: 4)")
     args = parser.parse_args(argv)
     home = Path(tempfile.mkdtemp(prefix="pretrainlab-sweep-bench-"))
     os.environ["PRETRAINLAB_HOME"] = str(home)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home}/mlflow.db"
 
-    asha = run("asha", args.epochs)
-    full = run("none", args.epochs)
+    asha = run("asha", args.epochs, args.reduction_factor)
+    full = run("none", args.epochs, args.reduction_factor)
     print(f"\nASHA:        {asha[0]:.0f} trial-epochs, best val/top1 {asha[1]:.2f}, {asha[2]:.0f} s")
     print(f"no stopping: {full[0]:.0f} trial-epochs, best val/top1 {full[1]:.2f}, {full[2]:.0f} s")
     print(f"compute ratio ASHA / full: {asha[0] / full[0]:.2f} (target <= 0.50)")

@@ -170,3 +170,17 @@ def test_pbt_exploits_are_recorded_in_mlflow(_ray, project):
         assert client.get_metric_history(child.info.run_id, "pbt/exploit")
         assert "optim.lr" in child.data.tags["pretrainlab.changed_on_resume"]
     assert all(c.info.status == "FINISHED" for c in children)
+
+
+def test_a_crashing_trial_is_marked_failed_and_the_sweep_goes_on(_ray, project):
+    # a batch larger than the training split passes the config checks but fails inside the worker
+    space = "sweep.space={train.batch_size: {grid: [64, 100000]}}"
+    assert run_sweep(ASHA, "crash", space, "sweep.num_samples=1", "sweep.scheduler.type=none", "train.epochs=1") == 0
+    client = MlflowClient()
+    runs = runs_of(client)
+    parent = next(r for r in runs if r.data.tags[RUN_NAME_TAG] == "crash")
+    children = {r.data.params["train.batch_size"]: r for r in runs if r.info.run_id != parent.info.run_id}
+    assert children["64"].info.status == "FINISHED" and children["64"].data.tags[STOP_REASON_TAG] == "completed"
+    failed = children["100000"]
+    assert failed.info.status == "FAILED" and failed.data.tags[STOP_REASON_TAG].startswith("error: ")
+    assert parent.data.metrics["sweep/failed_trials"] == 1 and parent.info.status == "FINISHED"

@@ -216,7 +216,7 @@ class SchedulerConfig(_Section):
 
     type: Literal["asha", "pbt", "none"] = "asha"
     grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it may be stopped.")
-    reduction_factor: float = Field(2.0, gt=1, description="ASHA: 1/reduction_factor of trials go on at a rung.")
+    reduction_factor: float = Field(4.0, gt=1, description="ASHA: 1/reduction_factor of trials go on at a rung.")
     perturbation_interval: int = Field(1, ge=1, description="PBT: epochs between exploit/explore steps.")
     quantile_fraction: float = Field(0.5, gt=0, le=0.5, description="PBT: the bottom fraction copies the top.")
     resample_probability: float = Field(0.25, ge=0, le=1, description="PBT: resample instead of perturb.")

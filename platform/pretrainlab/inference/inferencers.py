@@ -1,0 +1,181 @@
+"""Inferencers: a model from :func:`get_model` run on images, one result per input.
+
+Each takes a model (or a zoo name / checkpoint source, built with :func:`get_model`) and
+is called with one input or a list of inputs (see :mod:`pretrainlab.inference.inputs`),
+batched ``batch_size`` at a time; the preprocessing is the model's evaluation
+preprocessing, so batched and one-by-one calls give the same results.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrainlab.inference.inputs import ImageInput, as_list
+from pretrainlab.inference.zoo import dataset_folder, get_model, model_info
+
+ModelSource = nn.Module | str | os.PathLike
+
+
+class _Inferencer:
+    """A model, its :class:`ModelInfo` and its preprocessing; runs it on inputs in batches."""
+
+    def __init__(
+        self, model: ModelSource, pretrained: bool | str | os.PathLike = False, device: str | torch.device | None = None
+    ) -> None:
+        self.model = model if isinstance(model, nn.Module) else get_model(model, pretrained, device)
+        self.info = model_info(self.model)
+        self.preprocess = self.info.preprocessor()
+        self.device = next(self.model.parameters()).device
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _outputs(self, inputs: ImageInput | Sequence[ImageInput], batch_size: int) -> torch.Tensor:
+        """One output row per input, computed ``batch_size`` inputs at a time, as float32 on the CPU."""
+        items = as_list(inputs)
+        if not items:
+            raise ValueError("no inputs given")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        chunks = [
+            self._forward(self.preprocess(items[start : start + batch_size], start).to(self.device)).float().cpu()
+            for start in range(0, len(items), batch_size)
+        ]
+        return torch.cat(chunks)
+
+
+class ImageClassificationInferencer(_Inferencer):
+    """Class probabilities of a classification model.
+
+    Each result holds ``pred_scores`` (float32 array of every class's probability),
+    ``pred_label`` (int), ``pred_score`` (float), ``pred_class`` (str) and, with ``topk``,
+    ``pred_topk``: the ``topk`` best as ``{"label", "score", "class"}`` dicts, best first.
+    """
+
+    def __init__(
+        self, model: ModelSource, pretrained: bool | str | os.PathLike = False, device: str | torch.device | None = None
+    ) -> None:
+        super().__init__(model, pretrained, device)
+        if self.info.task != "classification":
+            raise ValueError(f"{self.info.name} is a {self.info.task} model, not a classification model")
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model({"image": images})["logits"]
+
+    def __call__(
+        self, inputs: ImageInput | Sequence[ImageInput], batch_size: int = 8, topk: int | None = None
+    ) -> list[dict[str, Any]]:
+        scores = self._outputs(inputs, batch_size).softmax(dim=1).numpy()
+        return [self._result(row, topk) for row in scores]
+
+    def _result(self, scores: np.ndarray, topk: int | None) -> dict[str, Any]:
+        label = int(scores.argmax())
+        result = {
+            "pred_scores": scores,
+            "pred_label": label,
+            "pred_score": float(scores[label]),
+            "pred_class": self.info.class_names[label],
+        }
+        if topk is not None:
+            best = np.argsort(-scores, kind="stable")[:topk]
+            result["pred_topk"] = [
+                {"label": int(i), "score": float(scores[i]), "class": self.info.class_names[i]} for i in best
+            ]
+        return result
+
+
+class FeatureExtractor(_Inferencer):
+    """The backbone's pooled features (before any head), one float32 array per input."""
+
+    def __init__(
+        self, model: ModelSource, pretrained: bool | str | os.PathLike = False, device: str | torch.device | None = None
+    ) -> None:
+        super().__init__(model, pretrained, device)
+        if not isinstance(getattr(self.model, "backbone", None), nn.Module):
+            raise ValueError(f"{self.info.name}: {type(self.model).__name__} has no backbone to take features from")
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.backbone(images)
+
+    def __call__(self, inputs: ImageInput | Sequence[ImageInput], batch_size: int = 8) -> list[np.ndarray]:
+        return list(self.features(inputs, batch_size).numpy())
+
+    def features(self, inputs: ImageInput | Sequence[ImageInput], batch_size: int = 8) -> torch.Tensor:
+        """The features as one ``N x D`` tensor."""
+        return self._outputs(inputs, batch_size)
+
+
+class ImageRetrievalInferencer:
+    """The gallery images most similar to each query: cosine similarity of backbone features.
+
+    The gallery's features are computed once, at construction. Each result holds
+    ``match_score`` (similarities, best first) and ``sample_idx`` (gallery indices) of the
+    ``topk`` best matches.
+
+    Args:
+        model: As for the other inferencers.
+        gallery: The gallery images (inputs of any supported kind).
+        batch_size: Gallery images per forward pass.
+    """
+
+    def __init__(
+        self,
+        model: ModelSource,
+        gallery: Sequence[ImageInput],
+        pretrained: bool | str | os.PathLike = False,
+        device: str | torch.device | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        self.extractor = FeatureExtractor(model, pretrained, device)
+        self.gallery = F.normalize(self.extractor.features(list(gallery), batch_size), dim=1)
+
+    @classmethod
+    def from_split(
+        cls,
+        model: ModelSource,
+        split: str = "train",
+        dataset: str | os.PathLike | None = None,
+        pretrained: bool | str | os.PathLike = False,
+        device: str | torch.device | None = None,
+        batch_size: int = 32,
+    ) -> ImageRetrievalInferencer:
+        """A gallery of a prepared (labelled) dataset split; ``sample_idx`` are row numbers in shard order.
+
+        ``dataset`` is the prepared folder; default: the model's own dataset.
+        """
+        from pretrainlab.data.dataset import load_split_numpy  # deferred: it imports Ray Data
+
+        extractor = FeatureExtractor(model, pretrained, device)
+        folder = dataset if dataset is not None else dataset_folder(extractor.info.config)
+        images, _ = load_split_numpy(folder, split)
+        return cls(extractor.model, list(images.transpose(0, 2, 3, 1)), batch_size=batch_size)
+
+    def __call__(
+        self, inputs: ImageInput | Sequence[ImageInput], batch_size: int = 8, topk: int = 5
+    ) -> list[dict[str, Any]]:
+        queries = F.normalize(self.extractor.features(inputs, batch_size), dim=1)
+        scores, indices = (queries @ self.gallery.T).topk(min(topk, len(self.gallery)), dim=1)
+        return [{"match_score": s.tolist(), "sample_idx": i.tolist()} for s, i in zip(scores, indices, strict=True)]
+
+
+TASK_INFERENCERS: dict[str, type[_Inferencer]] = {"classification": ImageClassificationInferencer}
+"""The inferencer that ``inference_model`` runs for each task."""
+
+
+def inferencer_for(task: str) -> type[_Inferencer]:
+    """The inferencer class of ``task``."""
+    try:
+        return TASK_INFERENCERS[task]
+    except KeyError:
+        raise ValueError(
+            f"no inferencer for {task!r} models yet (tasks with one: {', '.join(TASK_INFERENCERS)}); "
+            "FeatureExtractor and ImageRetrievalInferencer work with any model that has a backbone"
+        ) from None

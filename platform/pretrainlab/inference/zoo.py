@@ -1,0 +1,314 @@
+"""The model zoo: named configs and registered MLflow models, listed and built by name.
+
+Zoo names are
+
+- ``{strategy}_{backbone}_{dataset}`` for every experiment YAML at the top of the configs
+  folder (``$PRETRAINLAB_CONFIGS``, else the project's ``configs/``), e.g.
+  ``supervised_resnet10t_fmnist``;
+- ``models:/NAME`` for every model in the MLflow registry (``resolve_tracking_uri``).
+
+:func:`get_model` returns the strategy's ``nn.Module`` in eval mode with a :class:`ModelInfo`
+as ``model.info``: task, class names, config, input channels and training image size, from
+which inferencers build the evaluation preprocessing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from torch import nn
+
+from pretrainlab.config import ExperimentConfig, load_config
+from pretrainlab.data.builtin import BUILTIN_DATASETS
+from pretrainlab.data.catalog import dataset_info
+from pretrainlab.data.shards import MANIFEST_FILE, shard_paths
+from pretrainlab.inference.inputs import InputPreprocessor
+from pretrainlab.inference.loading import MLFLOW_SCHEMES, load_model
+from pretrainlab.paths import resolve
+from pretrainlab.strategies import get_strategy
+from pretrainlab.tracking.mlflow import TrackingError, check_tracking, client_for, resolve_tracking_uri
+from pretrainlab.tracking.registry import DEFAULT_ALIAS, alias_holder, open_store
+
+STRATEGY_TASKS: dict[str, str] = {"supervised": "classification"}
+"""The task of each strategy's models: what inferencers they get."""
+
+CONFIGS_ENV = "PRETRAINLAB_CONFIGS"
+_BARE_MODEL_URI = re.compile(r"models:/([^/@]+)/?")
+_warned_stores: set[str] = set()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What :func:`get_model` attaches to the model it returns, as ``model.info``."""
+
+    name: str  # the zoo name, folder or URI it was asked for
+    task: str
+    config: ExperimentConfig
+    class_names: list[str]
+    in_chans: int
+    image_size: tuple[int, int] | None  # H x W of every training image; None: mixed sizes or dataset not here
+    source: str  # the checkpoint loaded, or the config file of a randomly initialised model
+    meta: dict[str, Any] = field(default_factory=dict)  # the checkpoint's config.json (empty for random init)
+
+    def preprocessor(self) -> InputPreprocessor:
+        """The evaluation preprocessing of this model's inputs."""
+        return InputPreprocessor(self.config.data, self.in_chans, self.image_size)
+
+
+def task_of(strategy: str) -> str:
+    """The task of ``strategy``'s models."""
+    try:
+        return STRATEGY_TASKS[strategy]
+    except KeyError:
+        raise ValueError(f"strategy {strategy!r} has no task; known: {', '.join(STRATEGY_TASKS)}") from None
+
+
+def model_info(model: nn.Module) -> ModelInfo:
+    """The :class:`ModelInfo` of a model made by :func:`get_model`."""
+    info = getattr(model, "info", None)
+    if not isinstance(info, ModelInfo):
+        raise ValueError(f"{type(model).__name__} carries no ModelInfo (model.info): create it with get_model()")
+    return info
+
+
+def configs_folder() -> Path:
+    """``$PRETRAINLAB_CONFIGS``, else the project's ``configs/`` next to ``platform/``."""
+    return Path(os.environ.get(CONFIGS_ENV) or Path(__file__).resolve().parents[3] / "configs")
+
+
+def zoo_name(cfg: ExperimentConfig) -> str:
+    """``{strategy}_{backbone}_{dataset}``; a dataset given as a folder counts by its last part."""
+    return f"{cfg.strategy}_{cfg.model.backbone}_{Path(cfg.data.dataset).name}"
+
+
+def zoo_configs() -> dict[str, tuple[Path, ExperimentConfig]]:
+    """Zoo name -> (file, config) for the YAML files at the top of :func:`configs_folder`.
+
+    Raises:
+        ValueError: two files give the same zoo name, or ``$PRETRAINLAB_CONFIGS`` is no folder.
+        ConfigError: a file is not a valid config.
+    """
+    folder = configs_folder()
+    if not folder.is_dir():
+        if os.environ.get(CONFIGS_ENV):
+            raise ValueError(f"${CONFIGS_ENV}={folder}: no such folder")
+        return {}
+    found: dict[str, tuple[Path, ExperimentConfig]] = {}
+    for path in sorted(folder.glob("*.yaml")):
+        cfg = load_config(path)
+        name = zoo_name(cfg)
+        if name in found:
+            raise ValueError(f"zoo name {name!r} is given by two configs: {found[name][0]} and {path}")
+        found[name] = (path, cfg)
+    return found
+
+
+def served_version(client: MlflowClient, model: str) -> ModelVersion | None:
+    """The version of ``model`` that the zoo serves: the ``champion`` alias, else the latest; None if none."""
+    holder = alias_holder(client, model, DEFAULT_ALIAS)
+    if holder is not None:
+        return holder
+    versions = [v for v in client.search_model_versions(f"name='{model}'") if v.status != "FAILED_REGISTRATION"]
+    return max(versions, key=lambda v: int(v.version), default=None)
+
+
+def registered_models() -> dict[str, str | None]:
+    """``models:/NAME`` -> task for every registered model; empty, with one warning per store, when unreachable."""
+    uri = resolve_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return {}  # no store yet: nothing registered
+    try:
+        check_tracking(uri, timeout_s=2.0)
+        client = client_for(uri)
+        return {f"models:/{m.name}": _registered_task(client, m.name) for m in _all_registered(client)}
+    except (TrackingError, MlflowException, OSError) as err:
+        if uri not in _warned_stores:
+            _warned_stores.add(uri)
+            warnings.warn(f"model registry at {uri} unreachable, listing configs only: {err}", stacklevel=3)
+        return {}
+
+
+def _all_registered(client: MlflowClient) -> list[Any]:
+    page = client.search_registered_models(max_results=1000)
+    models = list(page)
+    while page.token:
+        page = client.search_registered_models(max_results=1000, page_token=page.token)
+        models.extend(page)
+    return models
+
+
+def _registered_task(client: MlflowClient, model: str) -> str | None:
+    """The task of the served version, from its training run's ``strategy`` tag (None when unknown)."""
+    version = served_version(client, model)
+    if version is None or not version.run_id:
+        return None
+    try:
+        strategy = client.get_run(version.run_id).data.tags.get("strategy")
+    except MlflowException:  # the run was deleted
+        return None
+    return STRATEGY_TASKS.get(strategy)
+
+
+def list_models(pattern: str | None = None, task: str | None = None) -> list[str]:
+    """Zoo names: configs first, then registered models, each sorted.
+
+    Args:
+        pattern: fnmatch-style glob, case-insensitive, e.g. ``*resnet*``.
+        task: keep only models of this task (e.g. ``classification``).
+    """
+    tasks = sorted(set(STRATEGY_TASKS.values()))
+    if task is not None and task not in tasks:
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(tasks)}")
+    configs = {name: task_of(cfg.strategy) for name, (_, cfg) in zoo_configs().items()}
+    entries = {**dict(sorted(configs.items())), **dict(sorted(registered_models().items()))}
+    return [
+        name
+        for name, kind in entries.items()
+        if (task is None or kind == task) and (pattern is None or fnmatch.fnmatchcase(name.lower(), pattern.lower()))
+    ]
+
+
+def get_model(
+    name_or_uri: str | os.PathLike,
+    pretrained: bool | str | os.PathLike = False,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """A model in eval mode, with its :class:`ModelInfo` as ``model.info``.
+
+    Args:
+        name_or_uri: A zoo name, a checkpoint folder, ``models:/NAME`` (champion, else latest
+            version), ``models:/NAME@alias``, ``models:/NAME/3`` or ``runs:/ID/checkpoint``.
+        pretrained: For zoo names: False builds the config's model randomly initialised
+            (seeded by ``runtime.seed``); True loads the served version of the config's
+            ``runtime.registered_model``; a checkpoint folder or URI loads that checkpoint.
+            Other sources always load their checkpoint.
+        device: Default: CUDA when available, else CPU.
+
+    Raises:
+        ValueError: an unknown name (with close matches), no registered version, a checkpoint
+            of another zoo model, an unprepared dataset for a randomly initialised model.
+    """
+    source = os.fspath(name_or_uri)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    configs = {} if source.startswith(MLFLOW_SCHEMES) else zoo_configs()
+    if source in configs:
+        return _zoo_model(source, *configs[source], pretrained, device)
+    if not isinstance(pretrained, bool):
+        raise ValueError(f"pretrained={os.fspath(pretrained)!r} applies to zoo names; {source!r} is not one")
+    if source.startswith(MLFLOW_SCHEMES) or Path(source).is_dir():
+        return _checkpoint_model(source, source, device)
+    names = list_models()
+    close = difflib.get_close_matches(source, names, n=5, cutoff=0.5)
+    hint = f"close matches: {', '.join(close)}" if close else "see pretrainlab.list_models()"
+    raise ValueError(f"{source!r} is not a zoo name, a checkpoint folder, or a models:/ or runs:/ URI; {hint}")
+
+
+def _zoo_model(
+    name: str, path: Path, cfg: ExperimentConfig, pretrained: bool | str | os.PathLike, device: torch.device
+) -> nn.Module:
+    if pretrained is False:
+        return _random_model(name, path, cfg, device)
+    checkpoint = _registered_checkpoint(name, path, cfg) if pretrained is True else os.fspath(pretrained)
+    model = _checkpoint_model(name, checkpoint, device, cfg.runtime.tracking_uri)
+    trained = zoo_name(model_info(model).config)
+    if trained != name:
+        raise ValueError(f"{checkpoint}: a checkpoint of {trained}, not of {name}")
+    return model
+
+
+def _registered_checkpoint(name: str, path: Path, cfg: ExperimentConfig) -> str:
+    """``models:/MODEL/VERSION`` of the version served for the config's ``runtime.registered_model``."""
+    model = cfg.runtime.registered_model
+    if not model:
+        raise ValueError(f"{name}: {path} sets no runtime.registered_model; give pretrained=CHECKPOINT instead")
+    return _served_uri(model, cfg.runtime.tracking_uri, f"; train it first: python jobs/pretrain.py {path}")
+
+
+def _checkpoint_model(name: str, source: str, device: torch.device, tracking_uri: str | None = None) -> nn.Module:
+    bare = _BARE_MODEL_URI.fullmatch(source)
+    if bare is not None:
+        source = _served_uri(bare.group(1), tracking_uri)
+    loaded = load_model(source, device, tracking_uri)
+    info = ModelInfo(
+        name=name,
+        task=task_of(loaded.config.strategy),
+        config=loaded.config,
+        class_names=loaded.class_names,
+        in_chans=int(loaded.meta["in_chans"]),
+        image_size=_image_size(loaded.config, name),
+        source=source,
+        meta=loaded.meta,
+    )
+    loaded.model.info = info
+    return loaded.model
+
+
+def _served_uri(model: str, tracking_uri: str | None, hint: str = "") -> str:
+    """``models:/MODEL/VERSION`` of the version :func:`served_version` picks."""
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        version = served_version(open_store(uri), model)
+    except TrackingError as err:
+        raise ValueError(f"models:/{model}: {err}{hint}") from None
+    if version is None:
+        raise ValueError(f"models:/{model}: no such registered model, or no version of it, in {uri}{hint}")
+    return f"models:/{model}/{version.version}"
+
+
+def _random_model(name: str, path: Path, cfg: ExperimentConfig, device: torch.device) -> nn.Module:
+    """The config's model as training starts it: classes and channels from its prepared dataset."""
+    folder = dataset_folder(cfg)
+    if not (folder / MANIFEST_FILE).is_file():
+        raise ValueError(
+            f"{name}: dataset {cfg.data.dataset!r} is not prepared in {folder}; its classes and channels size the "
+            "model: convert it first (jobs/prepare_data.py; a training run converts a built-in set)"
+        )
+    facts = dataset_info(str(folder))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.runtime.seed)
+        model = get_strategy(cfg.strategy).build_model(cfg, facts["num_classes"], facts["in_chans"])
+    model.info = ModelInfo(
+        name=name,
+        task=task_of(cfg.strategy),
+        config=cfg,
+        class_names=list(facts["class_names"]),
+        in_chans=facts["in_chans"],
+        image_size=_image_size(cfg, name),
+        source=f"{path} (random init)",
+    )
+    return model.to(device).eval()
+
+
+def dataset_folder(cfg: ExperimentConfig) -> Path:
+    """Where ``cfg.data.dataset`` is (or would be) prepared; unlike ``dataset_dir`` this converts nothing."""
+    name = cfg.data.dataset
+    return Path(resolve(cfg.data.root)) / name if name in BUILTIN_DATASETS else Path(resolve(name))
+
+
+def _image_size(cfg: ExperimentConfig, name: str) -> tuple[int, int] | None:
+    """H x W shared by every training image of the config's dataset; None for mixed sizes or no dataset here."""
+    folder = dataset_folder(cfg)
+    if not (folder / MANIFEST_FILE).is_file():
+        warnings.warn(
+            f"{name}: dataset {cfg.data.dataset!r} is not prepared in {folder}, so the training image size is "
+            "unknown: inputs go to data.eval_pipeline at their own size",
+            stacklevel=4,
+        )
+        return None
+    table = pa.concat_tables(pq.read_table(p, columns=["height", "width"]) for p in shard_paths(folder, "train"))
+    heights, widths = (pc.unique(table[column]).to_pylist() for column in ("height", "width"))
+    return (heights[0], widths[0]) if len(heights) == len(widths) == 1 else None

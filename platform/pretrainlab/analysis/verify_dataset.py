@@ -61,7 +61,7 @@ class Report:
 def _rows_failing_schema(table: pa.Table, schema: pa.Schema, split: str, num_classes: int) -> dict[int, str]:
     """Row -> reason for the rows of ``table`` that the dataset writer's checks reject (none when all pass)."""
     try:
-        shards._checked(table, schema, split, num_classes)
+        shards.check_table(table, schema, split, num_classes)
         return {}
     except DatasetError as err:
         if not _ROW_PROBLEM.match(str(err)):
@@ -69,7 +69,7 @@ def _rows_failing_schema(table: pa.Table, schema: pa.Schema, split: str, num_cla
     failing = {}
     for i in range(table.num_rows):
         try:
-            shards._checked(table.slice(i, 1), schema, split, num_classes)
+            shards.check_table(table.slice(i, 1), schema, split, num_classes)
         except DatasetError as err:
             match = _ROW_PROBLEM.match(str(err))
             failing[i] = match["reason"] if match else str(err)
@@ -103,7 +103,7 @@ def check_shard(folder: Path, split: str, entry: dict, manifest: dict, offset: i
         problems.append(Problem(split, entry["file"], None, None, None, reason))
 
     try:
-        shards._verify_shard(path, entry)
+        shards.verify_shard(path, entry)
     except DatasetError as err:
         shard_problem(str(err))
     if not path.is_file():

@@ -193,7 +193,7 @@ def write_dataset(
         metadata = json.loads(json.dumps(metadata or {}))
     except (TypeError, ValueError) as e:
         raise DatasetError(f"metadata is not JSON-serialisable: {e}") from None
-    tables = {split: _checked(t, SCHEMAS[task], split, len(class_names)) for split, t in splits.items()}
+    tables = {split: check_table(t, SCHEMAS[task], split, len(class_names)) for split, t in splits.items()}
 
     out = Path(out_dir)
     if out.exists() and not (out / MANIFEST_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
@@ -280,11 +280,11 @@ def verify_dataset(dataset_dir: str | os.PathLike, splits: str | Iterable[str] |
     root = Path(dataset_dir)
     for split in names:
         for shard in _split_entry(manifest, split, dataset_dir)["shards"]:
-            _verify_shard(root / shard["file"], shard)
+            verify_shard(root / shard["file"], shard)
     return manifest
 
 
-def _checked(table: pa.Table, schema: pa.Schema, split: str, num_classes: int) -> pa.Table:
+def check_table(table: pa.Table, schema: pa.Schema, split: str, num_classes: int) -> pa.Table:
     """Returns ``table`` in ``schema``'s column order, after checking fields and rows."""
     where = f"split {split!r}"
     if not _SPLIT_NAME.fullmatch(split):
@@ -509,7 +509,8 @@ def _split_entry(manifest: dict[str, Any], split: str, dataset_dir: str | os.Pat
         ) from None
 
 
-def _verify_shard(path: Path, entry: dict[str, Any]) -> None:
+def verify_shard(path: Path, entry: dict[str, Any]) -> None:
+    """Checks one shard file against its manifest entry (sha256, readable); raises DatasetError naming it."""
     try:
         digest = _sha256(path)
     except FileNotFoundError:

@@ -44,3 +44,45 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def train_digits_checkpoint(cfg, data_folder: Path, out: Path, steps: int = 30, run_id: str | None = None) -> Path:
+    """A small trained checkpoint without Ray: ``steps`` SGD steps of ``cfg``'s model on the prepared digits
+    training split (evaluation preprocessing, seeded by ``runtime.seed``), saved with the training loop's meta keys.
+    """
+    import torch
+
+    from pretrainlab.data.catalog import dataset_info
+    from pretrainlab.data.dataset import load_split_numpy
+    from pretrainlab.data.transforms import eval_pipeline, normalize
+    from pretrainlab.strategies import get_strategy
+    from pretrainlab.train.checkpoint import save_checkpoint
+
+    info = dataset_info(str(data_folder))
+    torch.manual_seed(cfg.runtime.seed)
+    model = get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"])
+    images, labels = load_split_numpy(data_folder, "train")
+    inputs = normalize(eval_pipeline(cfg.data)(torch.from_numpy(images)), cfg.data)
+    targets = torch.from_numpy(labels)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=0.9)
+    model.train()
+    metrics = {}
+    for _ in range(steps):
+        rows = torch.randint(len(targets), (64,))
+        loss = model({"image": inputs[rows], "label": targets[rows]})["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        metrics = {"train/loss": loss.item()}
+    meta = {
+        "config": cfg.to_dict(),
+        "strategy": cfg.strategy,
+        "class_names": info["class_names"],
+        "num_classes": info["num_classes"],
+        "in_chans": info["in_chans"],
+        "epoch": 1,
+        "step": steps,
+        "metrics": metrics,
+        "mlflow_run_id": run_id,
+    }
+    return save_checkpoint(out, model.state_dict(), meta)

@@ -16,17 +16,14 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import CONFIGS
-from pretrainlab.analysis import cam, confusion_matrix, tsne
+from conftest import CONFIGS, train_digits_checkpoint
+from pretrainlab.analysis import cam, confusion_matrix, samples, tsne
 from pretrainlab.config import load_config
 from pretrainlab.data.builtin import prepare_builtin
-from pretrainlab.data.catalog import dataset_dir, dataset_info
+from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.dataset import load_split_numpy
-from pretrainlab.data.transforms import eval_pipeline, normalize
 from pretrainlab.inference import export
 from pretrainlab.inference.loading import load_model
-from pretrainlab.strategies import get_strategy
-from pretrainlab.train.checkpoint import save_checkpoint
 
 DIGITS = CONFIGS / "test-resnet_2xb32_digits.yaml"
 CNN = ["data.eval_pipeline=[{type: Resize, size: 16}]"]
@@ -39,36 +36,10 @@ VIT = [
 
 
 def train_checkpoint(folder: Path, data_root: Path, overrides: list[str], steps: int = 30) -> Path:
-    """A checkpoint of ``steps`` SGD steps on the digits training split (eval pipeline as augmentation)."""
-    cfg = load_config(DIGITS, [f"data.root={data_root}", *overrides])
+    """A checkpoint of ``steps`` SGD steps on the digits training split, data under ``data_root``."""
+    cfg = load_config(DIGITS, [f"data.root={data_root}", "optim.lr=0.1", *overrides])
     data = prepare_builtin("digits", data_root, seed=cfg.runtime.seed)
-    info = dataset_info(str(data))
-    torch.manual_seed(0)
-    model = get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"])
-    images, labels = load_split_numpy(data, "train")
-    inputs = normalize(eval_pipeline(cfg.data)(torch.from_numpy(images)), cfg.data)
-    targets = torch.from_numpy(labels)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    rng = np.random.default_rng(0)
-    model.train()
-    for _ in range(steps):
-        batch = torch.from_numpy(rng.choice(len(labels), 64, replace=False))
-        loss = model({"image": inputs[batch], "label": targets[batch]})["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    meta = {
-        "config": cfg.to_dict(),
-        "strategy": cfg.strategy,
-        "class_names": info["class_names"],
-        "num_classes": info["num_classes"],
-        "in_chans": info["in_chans"],
-        "epoch": 1,
-        "step": steps,
-        "metrics": {"train/loss": loss.item()},
-        "mlflow_run_id": None,
-    }
-    return save_checkpoint(folder, model.state_dict(), meta)
+    return train_digits_checkpoint(cfg, data, folder, steps)
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +105,10 @@ def test_tsne_png_and_points_logged_to_mlflow(project, checkpoints, tmp_path):
 
 def test_stratified_indices_keep_class_shares():
     labels = np.repeat(np.arange(3), [60, 30, 10])
-    chosen = tsne.stratified_indices(labels, 20, seed=1)
+    chosen = samples.stratified_indices(labels, 20, seed=1)
     assert len(set(chosen.tolist())) == 20
     assert np.bincount(labels[chosen]).tolist() == [12, 6, 2]
-    assert len(tsne.stratified_indices(labels, 500)) == 100
+    assert len(samples.stratified_indices(labels, 500)) == 100
 
 
 @pytest.mark.parametrize(
@@ -164,7 +135,7 @@ def test_cam_maps_are_spatial(checkpoints, kind):
     """The maps vary over the image (the ViT's tokens land on the 4 x 4 patch grid, class token skipped)."""
     loaded = load_model(checkpoints[kind])
     images, _ = load_split_numpy(dataset_dir(loaded.config), "test")
-    _, inputs = tsne.eval_images(images[:8], loaded.config.data)
+    _, inputs = samples.eval_images(images[:8], loaded.config.data)
     maps, preds, layer = cam.compute_cams(loaded.model, inputs, "gradcam", None)
     assert maps.shape == (8, 16, 16) and preds.shape == (8,)
     assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
@@ -224,7 +195,7 @@ def test_onnx_classifier_matches_pytorch(checkpoints, tmp_path):
 
     loaded = load_model(checkpoints["cnn"])
     images, _ = load_split_numpy(dataset_dir(loaded.config), "test")
-    _, inputs = tsne.eval_images(images[:5], loaded.config.data)
+    _, inputs = samples.eval_images(images[:5], loaded.config.data)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     onnx_logits = session.run(None, {"image": inputs.numpy()})[0]
     with torch.no_grad():

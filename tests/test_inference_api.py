@@ -20,51 +20,19 @@ from mlflow import MlflowClient
 from PIL import Image
 
 import pretrainlab
-from conftest import CONFIGS, free_port
-from pretrainlab.config import ExperimentConfig, load_config
+from conftest import CONFIGS, free_port, train_digits_checkpoint
+from pretrainlab.config import load_config
 from pretrainlab.data.builtin import prepare_builtin
-from pretrainlab.data.catalog import dataset_info
 from pretrainlab.data.dataset import load_split_numpy
 from pretrainlab.data.transforms import normalize
 from pretrainlab.inference.inferencers import inferencer_for
 from pretrainlab.inference.loading import load_model
 from pretrainlab.models.backbones import feature_dim
-from pretrainlab.strategies import get_strategy
 from pretrainlab.tracking.mlflow import client_for, ensure_experiment, register_checkpoint
-from pretrainlab.train.checkpoint import save_checkpoint
 from pretrainlab.train.evaluate import evaluate_checkpoint, predict
 
 DIGITS = "supervised_test_resnet_digits"
 FMNIST = "supervised_resnet10t_fmnist"
-
-
-def train_checkpoint(cfg: ExperimentConfig, folder: Path, out: Path, steps: int, run_id: str) -> Path:
-    """``steps`` SGD steps on the digits train split, saved with the meta keys the training loop writes."""
-    info = dataset_info(str(folder))
-    torch.manual_seed(cfg.runtime.seed)
-    model = get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"])
-    images, labels = load_split_numpy(folder, "train")
-    x, y = normalize(torch.from_numpy(images), cfg.data), torch.from_numpy(labels)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=0.9)
-    model.train()
-    for _ in range(steps):
-        rows = torch.randint(len(x), (64,))
-        loss = model({"image": x[rows], "label": y[rows]})["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    meta = {
-        "config": cfg.to_dict(),
-        "strategy": cfg.strategy,
-        "class_names": info["class_names"],
-        "num_classes": info["num_classes"],
-        "in_chans": info["in_chans"],
-        "epoch": 1,
-        "step": steps,
-        "metrics": {},
-        "mlflow_run_id": run_id,
-    }
-    return save_checkpoint(out, model.state_dict(), meta)
 
 
 def logged_run(client: MlflowClient, tags: dict[str, str]) -> str:
@@ -97,7 +65,7 @@ def zoo(tmp_path_factory):
         runs = {}
         for name, steps in (("trained", 40), ("scratch", 0)):
             runs[name] = logged_run(client, {"strategy": "supervised"})
-            checkpoint = train_checkpoint(cfg, folder, home / name, steps, runs[name])
+            checkpoint = train_digits_checkpoint(cfg, folder, home / name, steps, runs[name])
             client.log_artifacts(runs[name], str(checkpoint), "checkpoint")
         for model in ("digits-classifier", "digits-scratch"):
             register_checkpoint(client, runs["trained"], model)

@@ -35,16 +35,15 @@ from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pretrainlab.analysis.outputs import add_output_arguments, publish  # noqa: E402
-from pretrainlab.analysis.tsne import (  # noqa: E402
+from pretrainlab.analysis.outputs import (  # noqa: E402
     ERRORS,
     AnalysisError,
-    backbone_of,
+    add_output_arguments,
     check_mlflow_run,
-    eval_images,
-    load_subset,
+    publish,
     report_error,
 )
+from pretrainlab.analysis.samples import backbone_of, eval_images, load_subset  # noqa: E402
 from pretrainlab.inference.export import ClassifierLogits  # noqa: E402
 
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "eigencam": EigenCAM}

@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     # imported here: tracking.mlflow imports this module for compute / save
     from mlflow.exceptions import MlflowException
 
-    from pretrainlab.analysis.outputs import add_output_arguments, publish
-    from pretrainlab.analysis.tsne import ERRORS, check_mlflow_run, report_error
+    from pretrainlab.analysis.outputs import ERRORS, add_output_arguments, check_mlflow_run, publish, report_error
     from pretrainlab.data.catalog import dataset_dir
     from pretrainlab.data.dataset import load_split_numpy
     from pretrainlab.inference.loading import load_model

@@ -1,12 +1,19 @@
-"""Where the analysis tools put what they make: a file, and an MLflow run when one is named."""
+"""How the analysis tools take arguments, report errors and put what they make: a file, and an MLflow run."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
-from pretrainlab.tracking.mlflow import client_for, resolve_tracking_uri
+from mlflow.exceptions import MlflowException
+
+from pretrainlab.data.errors import DatasetError
+from pretrainlab.data.transforms import PipelineError
+from pretrainlab.models.backbones import BackboneError
+from pretrainlab.tracking.mlflow import TrackingError, client_for, resolve_tracking_uri
+from pretrainlab.train.checkpoint import CheckpointError
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -24,3 +31,29 @@ def publish(path: str | os.PathLike, args: argparse.Namespace, artifact_dir: str
     if args.mlflow_run:
         client_for(resolve_tracking_uri(args.tracking_uri)).log_artifact(args.mlflow_run, str(Path(path)), artifact_dir)
         print(f"logged to MLflow run {args.mlflow_run} under {artifact_dir}/")
+
+
+class AnalysisError(ValueError):
+    """A bad argument or a model the tool cannot analyse; the message names it."""
+
+
+ERRORS = (CheckpointError, DatasetError, PipelineError, TrackingError, BackboneError, AnalysisError)
+
+
+def report_error(err: Exception) -> int:
+    """Print ``error: ...`` on stderr; the exit code of a bad input."""
+    message = err.message if isinstance(err, MlflowException) else str(err)
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def check_mlflow_run(args: argparse.Namespace) -> None:
+    """Fail before any work when ``--mlflow-run`` names a run the store does not have."""
+    if args.mlflow_run:
+        uri = resolve_tracking_uri(args.tracking_uri)
+        try:
+            client_for(uri).get_run(args.mlflow_run)
+        except MlflowException as err:
+            raise AnalysisError(
+                f"--mlflow-run {args.mlflow_run}: not a run of the MLflow store at {uri} ({err.message})"
+            ) from None

@@ -22,97 +22,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
-from torch import nn  # noqa: E402
 
-from pretrainlab.analysis.outputs import add_output_arguments, publish  # noqa: E402
-from pretrainlab.config import DataConfig  # noqa: E402
-from pretrainlab.data.catalog import dataset_dir  # noqa: E402
-from pretrainlab.data.dataset import load_split_numpy  # noqa: E402
-from pretrainlab.data.errors import DatasetError  # noqa: E402
-from pretrainlab.data.transforms import PipelineError, eval_pipeline, normalize  # noqa: E402
-from pretrainlab.inference.loading import LoadedModel, load_model  # noqa: E402
-from pretrainlab.models.backbones import BackboneError  # noqa: E402
-from pretrainlab.tracking.mlflow import TrackingError, client_for, resolve_tracking_uri  # noqa: E402
-from pretrainlab.train.checkpoint import CheckpointError  # noqa: E402
-
-
-class AnalysisError(ValueError):
-    """A bad argument or a model the tool cannot analyse; the message names it."""
-
-
-ERRORS = (CheckpointError, DatasetError, PipelineError, TrackingError, BackboneError, AnalysisError)
-
-
-def report_error(err: Exception) -> int:
-    """Print ``error: ...`` on stderr; the exit code of a bad input."""
-    message = err.message if isinstance(err, MlflowException) else str(err)
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
-def check_mlflow_run(args: argparse.Namespace) -> None:
-    """Fail before any work when ``--mlflow-run`` names a run the store does not have."""
-    if args.mlflow_run:
-        uri = resolve_tracking_uri(args.tracking_uri)
-        try:
-            client_for(uri).get_run(args.mlflow_run)
-        except MlflowException as err:
-            raise AnalysisError(
-                f"--mlflow-run {args.mlflow_run}: not a run of the MLflow store at {uri} ({err.message})"
-            ) from None
-
-
-def stratified_indices(labels: np.ndarray, num: int, seed: int = 0) -> np.ndarray:
-    """``num`` row indices (all rows when there are fewer), each class in proportion to its share.
-
-    Each class's rows are shuffled with ``seed`` and spread evenly over ``[0, 1)``; the
-    ``num`` smallest positions are taken, so every prefix of the order is stratified.
-    """
-    labels = np.asarray(labels)
-    if num >= len(labels):
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    position = np.empty(len(labels))
-    for label in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == label))
-        position[rows] = (np.arange(len(rows)) + rng.random()) / len(rows)
-    order = np.lexsort((rng.random(len(labels)), position))
-    return np.sort(order[:num])
-
-
-def eval_images(images: np.ndarray, data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images through the evaluation pipeline: ``(as seen, uint8; normalised model input)``."""
-    seen = eval_pipeline(data)(torch.from_numpy(images))
-    return seen, normalize(seen, data)
-
-
-def load_subset(source: str, split: str, num: int, seed: int, tracking_uri: str | None = None):
-    """The model of ``source`` and a stratified sample of ``split``: ``(loaded, images, labels, row indices)``."""
-    loaded = load_model(source, tracking_uri=tracking_uri)
-    images, labels = load_split_numpy(dataset_dir(loaded.config), split)
-    chosen = stratified_indices(labels, num, seed)
-    return loaded, images[chosen], labels[chosen], chosen
-
-
-def backbone_of(loaded: LoadedModel) -> nn.Module:
-    backbone = getattr(loaded.model, "backbone", None)
-    if not isinstance(backbone, nn.Module):
-        raise AnalysisError(f"{type(loaded.model).__name__} has no backbone module to take features from")
-    return backbone
-
-
-@torch.no_grad()
-def features(loaded: LoadedModel, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Pooled backbone features (the classification head's input) of uint8 images, ``N x num_features``."""
-    backbone = backbone_of(loaded).eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        _, batch = eval_images(images[start : start + batch_size], loaded.config.data)
-        out.append(backbone(batch).float().flatten(1).cpu())
-    return torch.cat(out).numpy()
+from pretrainlab.analysis.outputs import (  # noqa: E402
+    ERRORS,
+    AnalysisError,
+    add_output_arguments,
+    check_mlflow_run,
+    publish,
+    report_error,
+)
+from pretrainlab.analysis.samples import features, load_subset  # noqa: E402
 
 
 def embed(feats: np.ndarray, perplexity: float, seed: int) -> np.ndarray:

@@ -27,8 +27,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from torch import nn
 
-from pretrainlab.analysis.outputs import add_output_arguments, publish
-from pretrainlab.analysis.tsne import AnalysisError, check_mlflow_run
+from pretrainlab.analysis.outputs import AnalysisError, add_output_arguments, check_mlflow_run, publish
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.shards import load_manifest, shard_paths

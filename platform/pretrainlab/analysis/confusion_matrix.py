@@ -33,7 +33,7 @@ def compute(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarr
 
 
 def save(matrix: np.ndarray, class_names: list[str], folder: str | os.PathLike, title: str = "") -> list[Path]:
-    """Write ``confusion_matrix.png`` (row-normalised colours, counts in cells) and ``confusion_matrix.csv``."""
+    """Write ``confusion_matrix.png`` (counts in cells, coloured by count) and ``confusion_matrix.csv``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     png, table = folder / "confusion_matrix.png", folder / "confusion_matrix.csv"

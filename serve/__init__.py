@@ -1,0 +1,1 @@
+"""The Ray Serve application: chosen checkpoints behind HTTP endpoints (``serve run serve/config.yaml``)."""

@@ -1,0 +1,527 @@
+"""The Ray Serve application: registered checkpoints behind HTTP endpoints.
+
+::
+
+    serve run serve/config.yaml                       # from the repository root
+    serve run serve.app:build_app models.digits=models:/digits-classifier@champion
+
+Two deployments: ``Gateway`` (the FastAPI ingress: auth, body and image checks, JSON
+errors) and ``ModelServer`` (models loaded with :func:`pretrainlab.get_model`, multiplexed
+by name, dynamic batching per model, alias watching). Routes: ``POST /v1/classify``,
+``POST /v1/embed``, ``POST /v1/retrieve``, ``GET /v1/models``, ``GET /healthz``.
+"""
+
+import asyncio
+import base64
+import binascii
+import hmac
+import io
+import logging
+import os
+import re
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from PIL import Image
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+
+from serve.errors import ApiError, install_handlers
+from serve.schemas import MAX_TOP_K, ImageRequest, ServeArgs, check_args, describe_error
+
+logger = logging.getLogger("ray.serve")
+
+MODEL_HEADER = "serve_multiplexed_model_id"
+_ALIAS_URI = re.compile(r"models:/([^/@]+)@([\w-]+)")
+_VERSION_URI = re.compile(r"models:/([^/@]+)/(\d+)")
+_BARE_URI = re.compile(r"models:/([^/@]+)/?")
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A served source resolved to what is loaded: a pinned URI or folder, its version and alias."""
+
+    uri: str
+    version: str | None
+    alias: str | None
+    watch: bool  # an alias (or a bare models:/NAME) that can move to another version
+
+
+def resolve_source(source: str, tracking_uri: str | None = None) -> Resolved:
+    """``models:/NAME@alias`` and ``models:/NAME`` to the version they name now; other sources as they are.
+
+    Raises:
+        ValueError: the alias or model is not in the registry.
+    """
+    from pretrainlab.inference.zoo import served_version
+    from pretrainlab.tracking.mlflow import resolve_tracking_uri
+    from pretrainlab.tracking.registry import DEFAULT_ALIAS, alias_holder, open_store
+
+    aliased, pinned, bare = (pattern.fullmatch(source) for pattern in (_ALIAS_URI, _VERSION_URI, _BARE_URI))
+    if pinned:
+        return Resolved(source, pinned.group(2), None, False)
+    if not (aliased or bare):
+        return Resolved(source, None, None, False)
+    uri = resolve_tracking_uri(tracking_uri)
+    client = open_store(uri)
+    if aliased:
+        name, alias = aliased.groups()
+        version = alias_holder(client, name, alias)
+        if version is None:
+            raise ValueError(f"{source}: model {name!r} has no version with alias {alias!r} in {uri}")
+    else:
+        name = bare.group(1)
+        version = served_version(client, name)
+        if version is None:
+            raise ValueError(f"{source}: no such registered model, or no version of it, in {uri}")
+        alias = DEFAULT_ALIAS if DEFAULT_ALIAS in (version.aliases or []) else None
+    return Resolved(f"models:/{name}/{version.version}", str(version.version), alias, True)
+
+
+@dataclass
+class Served:
+    """One loaded version of a served model and its inferencers."""
+
+    name: str
+    source: str
+    resolved: Resolved
+    task: str
+    meta: dict[str, Any]
+    class_names: list[str]
+    classifier: Any = None
+    extractor: Any = None
+    retriever: Any = None
+    gallery_size: int = 0
+    loaded_at: float = field(default_factory=time.time)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "uri": self.resolved.uri,
+            "version": self.resolved.version,
+            "alias": self.resolved.alias,
+            "task": self.task,
+            "classes": len(self.class_names),
+            "metrics": self.meta.get("metrics", {}),
+            "epoch": self.meta.get("epoch"),
+            "step": self.meta.get("step"),
+            "run_id": self.meta.get("mlflow_run_id"),
+            "gallery_size": self.gallery_size,
+            "routes": [route for route, ready in self.routes().items() if ready],
+        }
+
+    def routes(self) -> dict[str, bool]:
+        return {
+            "/v1/classify": self.classifier is not None,
+            "/v1/embed": self.extractor is not None,
+            "/v1/retrieve": self.retriever is not None,
+        }
+
+
+def load_served(name: str, source: str, resolved: Resolved, gallery: str | None, gallery_dataset: str | None) -> Served:
+    """Load ``resolved.uri`` with :func:`pretrainlab.get_model` and build its inferencers."""
+    import pretrainlab
+    from pretrainlab.inference.inferencers import FeatureExtractor, ImageRetrievalInferencer
+
+    model = pretrainlab.get_model(resolved.uri, device="cpu")
+    info = model.info
+    served = Served(name, source, resolved, info.task, dict(info.meta), list(info.class_names))
+    if info.task == "classification":
+        served.classifier = pretrainlab.ImageClassificationInferencer(model)
+    if isinstance(getattr(model, "backbone", None), torch.nn.Module):
+        served.extractor = FeatureExtractor(model)
+        if gallery:
+            served.retriever = ImageRetrievalInferencer.from_split(model, split=gallery, dataset=gallery_dataset)
+            served.gallery_size = len(served.retriever.gallery)
+    return served
+
+
+class Slot:
+    """What the multiplexed loader caches per model name; the alias watcher swaps ``current``."""
+
+    def __init__(self, served: Served) -> None:
+        self.current = served
+
+
+def _run_each(function: Any, items: list[Any]) -> list[Any]:
+    """``function(items)``; when one input is bad, each input alone, a bad one giving an error dict."""
+    try:
+        return list(function(items))
+    except ValueError:
+        pass
+    results = []
+    for item in items:
+        try:
+            results.append(function([item])[0])
+        except ValueError as err:
+            results.append({"error": f"image: {str(err).removeprefix('input 0: ')}", "status": 422})
+    return results
+
+
+def _classify(served: Served, requests: list[tuple[bytes, int]]) -> list[dict[str, Any]]:
+    if served.classifier is None:
+        return [{"error": f"{served.name} is a {served.task} model, not a classification model", "status": 400}] * len(
+            requests
+        )
+    top = max(top_k for _, top_k in requests)
+    results = _run_each(
+        lambda images: served.classifier(images, batch_size=len(images), topk=top), [r[0] for r in requests]
+    )
+    out = []
+    for result, (_, top_k) in zip(results, requests, strict=True):
+        if "error" in result:
+            out.append(result)
+            continue
+        out.append(
+            {
+                "pred_label": result["pred_label"],
+                "pred_score": result["pred_score"],
+                "pred_class": result["pred_class"],
+                "pred_scores": [float(score) for score in result["pred_scores"]],
+                "pred_topk": result["pred_topk"][:top_k],
+            }
+        )
+    return out
+
+
+def _embed(served: Served, requests: list[tuple[bytes, int]]) -> list[dict[str, Any]]:
+    if served.extractor is None:
+        return [{"error": f"{served.name} has no backbone to embed with", "status": 400}] * len(requests)
+    results = _run_each(lambda images: served.extractor(images, batch_size=len(images)), [r[0] for r in requests])
+    return [
+        result if isinstance(result, dict) else {"embedding": [float(x) for x in result], "dim": int(result.shape[0])}
+        for result in results
+    ]
+
+
+def _retrieve(served: Served, requests: list[tuple[bytes, int]]) -> list[dict[str, Any]]:
+    if served.retriever is None:
+        return [{"error": "no retrieval gallery is served (set the gallery argument)", "status": 404}] * len(requests)
+    top = max(top_k for _, top_k in requests)
+    results = _run_each(
+        lambda images: served.retriever(images, batch_size=len(images), topk=top), [r[0] for r in requests]
+    )
+    return [
+        result
+        if "error" in result
+        else {"match_score": result["match_score"][:top_k], "sample_idx": result["sample_idx"][:top_k]}
+        for result, (_, top_k) in zip(results, requests, strict=True)
+    ]
+
+
+_TASKS = {"classify": _classify, "embed": _embed, "retrieve": _retrieve}
+
+
+def model_server(args: ServeArgs) -> Any:
+    """The ``ModelServer`` deployment class, with ``args``' multiplexing and batching limits."""
+
+    @serve.deployment(name="ModelServer")
+    class ModelServer:
+        """Loads models by name (multiplexed), batches requests per model, swaps moved aliases."""
+
+        def __init__(self, settings: dict[str, Any]) -> None:
+            self.args = ServeArgs.model_validate(settings)
+            if self.args.torch_threads:
+                torch.set_num_threads(self.args.torch_threads)
+            Image.MAX_IMAGE_PIXELS = self.args.max_image_pixels
+            self.interval = self.args.alias_check_interval_s
+            self.slots: weakref.WeakValueDictionary[str, Slot] = weakref.WeakValueDictionary()
+            self.watcher: asyncio.Task | None = None
+            self.swap_lock = asyncio.Lock()
+
+        async def reconfigure(self, config: dict[str, Any]) -> None:
+            """``user_config``: ``alias_check_interval_s``; any change also re-resolves aliases now."""
+            self.interval = float(config.get("alias_check_interval_s", self.interval))
+            if self.slots:
+                await self.refresh()
+
+        @serve.multiplexed(max_num_models_per_replica=args.max_models_per_replica)
+        async def slot(self, name: str) -> Slot:
+            source = self.args.models[name]
+            resolved = await asyncio.to_thread(resolve_source, source, self.args.tracking_uri)
+            served = await asyncio.to_thread(
+                load_served, name, source, resolved, self.args.gallery, self.args.gallery_dataset
+            )
+            slot = Slot(served)
+            self.slots[name] = slot
+            self._start_watcher()
+            return slot
+
+        def _start_watcher(self) -> None:
+            if self.watcher is None or self.watcher.done():
+                self.watcher = asyncio.get_running_loop().create_task(self._watch())
+
+        async def _watch(self) -> None:
+            while True:
+                await asyncio.sleep(self.interval if self.interval > 0 else 5.0)
+                if self.interval > 0:
+                    await self.refresh()
+
+        async def refresh(self) -> list[str]:
+            """Re-resolve every loaded alias; load and swap in the versions that moved. Returns the swapped names."""
+            swapped = []
+            async with self.swap_lock:
+                for name, slot in list(self.slots.items()):
+                    served = slot.current
+                    if not served.resolved.watch:
+                        continue
+                    try:
+                        resolved = await asyncio.to_thread(resolve_source, served.source, self.args.tracking_uri)
+                        if resolved.uri == served.resolved.uri:
+                            continue
+                        slot.current = await asyncio.to_thread(
+                            load_served, name, served.source, resolved, self.args.gallery, self.args.gallery_dataset
+                        )
+                    except Exception as err:  # a store hiccup or a broken version keeps the loaded one
+                        logger.warning("%s: keeping %s: %s", name, served.resolved.uri, err)
+                        continue
+                    logger.info("%s: swapped %s -> %s", name, served.resolved.uri, resolved.uri)
+                    swapped.append(name)
+            return swapped
+
+        async def _current(self) -> Served:
+            return (await self.slot(serve.get_multiplexed_model_id())).current
+
+        async def describe(self) -> dict[str, Any]:
+            return (await self._current()).describe()
+
+        async def run(self, task: str, image: bytes, top_k: int) -> dict[str, Any]:
+            return await self._batch((task, image, top_k))
+
+        @serve.batch(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s)
+        async def _batch(self, requests: list[tuple[str, bytes, int]]) -> list[dict[str, Any]]:
+            served = await self._current()  # a batch holds one model's requests (split by multiplexed id)
+            results: list[dict[str, Any]] = [{}] * len(requests)
+            for task in {request[0] for request in requests}:
+                rows = [i for i, request in enumerate(requests) if request[0] == task]
+                items = [(requests[i][1], requests[i][2]) for i in rows]
+                for row, result in zip(rows, await asyncio.to_thread(_TASKS[task], served, items), strict=True):
+                    results[row] = {"model": served.name, "version": served.resolved.version, **result}
+            return results
+
+    return ModelServer
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def read_token(args: ServeArgs) -> str | None:
+    """The bearer token from ``auth_token_env`` or ``auth_token_file``; None when neither is set.
+
+    Raises:
+        ValueError: the variable is unset or empty, or the file is unreadable or empty.
+    """
+    if args.auth_token_env:
+        token = os.environ.get(args.auth_token_env, "").strip()
+        if not token:
+            raise ValueError(f"auth_token_env: ${args.auth_token_env} is unset or empty")
+        return token
+    if args.auth_token_file:
+        try:
+            token = Path(args.auth_token_file).expanduser().read_text().strip()
+        except OSError as err:
+            raise ValueError(f"auth_token_file: cannot read {args.auth_token_file}: {err.strerror or err}") from None
+        if not token:
+            raise ValueError(f"auth_token_file: {args.auth_token_file} is empty")
+        return token
+    return None
+
+
+def check_image(data: bytes, max_pixels: int) -> None:
+    """Decode ``data`` fully, refusing more than ``max_pixels`` pixels before decoding.
+
+    Raises:
+        ApiError: 413 for too many pixels, 415 for what is no image, 422 for a truncated or corrupt image.
+    """
+    if not data:
+        raise ApiError(422, "image: empty")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise ApiError(413, f"image: decompression bomb refused (over max_image_pixels {max_pixels}): {err}") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ApiError(415, f"image: not an image PIL can read: {err}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ApiError(413, f"image: {width} x {height} = {width * height} pixels, over max_image_pixels {max_pixels}")
+    try:
+        image.load()
+    except Image.DecompressionBombError as err:
+        raise ApiError(413, f"image: decompression bomb refused (over max_image_pixels {max_pixels}): {err}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ApiError(422, f"image: truncated or corrupt {image.format or ''} image: {err}") from None
+
+
+def parse_top_k(value: Any) -> int:
+    try:
+        top_k = int(value)
+    except (TypeError, ValueError):
+        raise ApiError(422, f"top_k: must be an integer from 1 to {MAX_TOP_K}, got {value!r}") from None
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise ApiError(422, f"top_k: must be an integer from 1 to {MAX_TOP_K}, got {top_k}")
+    return top_k
+
+
+async def _result(response: Any) -> Any:
+    return await response
+
+
+app = FastAPI(title="PretrainLab Serve", description="Registered checkpoints behind HTTP endpoints.")
+install_handlers(app)
+
+
+@serve.deployment(name="Gateway")
+@serve.ingress(app)
+class Gateway:
+    """The HTTP ingress: auth, body limits, image checks; the models run in ``ModelServer``."""
+
+    def __init__(self, server: DeploymentHandle, settings: dict[str, Any]) -> None:
+        self.args = ServeArgs.model_validate(settings)
+        self.token = read_token(self.args)
+        self.server = server
+        self.names = list(self.args.models)
+        Image.MAX_IMAGE_PIXELS = self.args.max_image_pixels
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.args.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise ApiError(400, f"Content-Length: not a number: {length!r}")
+            if int(length) > limit:
+                raise ApiError(413, f"body of {length} bytes, over max_body_bytes {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"body over max_body_bytes {limit}")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _image_request(self, request: Request) -> tuple[str, bytes, int]:
+        """The model name, image bytes and top_k of a multipart or JSON request."""
+        self._authorize(request)
+        body = await self._body(request)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "multipart/form-data":
+            request._body = body  # parsed from the bytes already read and counted
+            try:
+                form = await request.form(max_files=1, max_fields=8)
+            except Exception as err:  # python-multipart / Starlette parse errors
+                raise ApiError(400, f"multipart body: cannot parse: {err}") from None
+            upload = form.get("file")
+            if upload is None:
+                raise ApiError(422, "file: field required (multipart upload of the image)")
+            if not isinstance(upload, UploadFile):
+                raise ApiError(422, "file: must be a file upload, not a text field")
+            image = await upload.read()
+            model, top_k = form.get("model"), parse_top_k(form.get("top_k", 5))
+        elif kind == "application/json":
+            try:
+                parsed = ImageRequest.model_validate_json(body)
+            except ValidationError as err:
+                raise ApiError(422, describe_error(err.errors(include_url=False))) from None
+            try:
+                image = base64.b64decode(parsed.image_base64, validate=True)
+            except (binascii.Error, ValueError) as err:
+                raise ApiError(422, f"image_base64: invalid base64: {err}") from None
+            model, top_k = parsed.model, parsed.top_k
+        else:
+            raise ApiError(415, f"Content-Type {kind or 'missing'}: send multipart/form-data or application/json")
+        name = self._model_name(request, model if isinstance(model, str) else None)
+        await asyncio.to_thread(check_image, image, self.args.max_image_pixels)
+        return name, image, top_k
+
+    def _model_name(self, request: Request, field_value: str | None) -> str:
+        name = field_value or request.headers.get(MODEL_HEADER) or self.names[0]
+        if name not in self.args.models:
+            raise ApiError(404, f"model {name!r} is not served; served: {', '.join(self.names)}")
+        return name
+
+    async def _call(self, name: str, method: str, *args: Any) -> dict[str, Any]:
+        response = getattr(self.server.options(multiplexed_model_id=name), method).remote(*args)
+        try:
+            return await asyncio.wait_for(_result(response), self.args.request_timeout_s)
+        except BackPressureError:
+            raise ApiError(503, f"model {name!r}: request queue full (max_queued_requests), retry later") from None
+        except TimeoutError:
+            response.cancel()
+            raise ApiError(
+                504, f"model {name!r}: no answer within request_timeout_s {self.args.request_timeout_s}"
+            ) from None
+
+    async def _task(self, request: Request, task: str) -> dict[str, Any]:
+        name, image, top_k = await self._image_request(request)
+        result = await self._call(name, "run", task, image, top_k)
+        if "error" in result:
+            raise ApiError(result.get("status", 422), result["error"])
+        return result
+
+    @app.post("/v1/classify")
+    async def classify(self, request: Request) -> dict[str, Any]:
+        """Top-k labels and scores of an image (``file`` upload or JSON ``image_base64``)."""
+        return await self._task(request, "classify")
+
+    @app.post("/v1/embed")
+    async def embed(self, request: Request) -> dict[str, Any]:
+        """The backbone's pooled features of an image."""
+        return await self._task(request, "embed")
+
+    @app.post("/v1/retrieve")
+    async def retrieve(self, request: Request) -> dict[str, Any]:
+        """The top-k gallery rows most similar to an image: ``sample_idx`` and ``match_score``."""
+        return await self._task(request, "retrieve")
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        """Every served model: source, version, alias, task and the checkpoint's metrics."""
+        self._authorize(request)
+        described = [await self._call(name, "describe") for name in self.names]
+        return {"default": self.names[0], "models": described}
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "models": self.names}
+
+
+def build_app(args: ServeArgs) -> serve.Application:
+    """The application: ``Gateway`` in front of ``ModelServer``, sized by ``args``."""
+    check_args(args)
+    read_token(args)  # fail at deploy time, not on the first request
+    settings = args.model_dump()
+    options: dict[str, Any] = {
+        "max_ongoing_requests": args.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": args.num_cpus},
+        "max_queued_requests": args.max_queued_requests,
+        "user_config": {"alias_check_interval_s": args.alias_check_interval_s},
+    }
+    if args.autoscaling is not None:
+        options["autoscaling_config"] = args.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = args.num_replicas
+    server = model_server(args).options(**options).bind(settings)
+    gateway = Gateway.options(
+        num_replicas=args.ingress_replicas,
+        max_ongoing_requests=4 * args.max_ongoing_requests,
+        ray_actor_options={"num_cpus": args.ingress_cpus},
+    )
+    return gateway.bind(server, settings)

@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from PIL import Image
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
@@ -463,6 +464,10 @@ class Gateway:
             return await asyncio.wait_for(_result(response), self.args.request_timeout_s)
         except BackPressureError:
             raise ApiError(503, f"model {name!r}: request queue full (max_queued_requests), retry later") from None
+        except RayTaskError as err:  # the model failed to load, or a bug: name it rather than a bare 500
+            cause = getattr(err, "cause", None) or err
+            logger.error("model %r: %s", name, cause)
+            raise ApiError(503, f"model {name!r} is unavailable: {type(cause).__name__}: {cause}") from None
         except TimeoutError:
             response.cancel()
             raise ApiError(
@@ -495,7 +500,12 @@ class Gateway:
     async def models(self, request: Request) -> dict[str, Any]:
         """Every served model: source, version, alias, task and the checkpoint's metrics."""
         self._authorize(request)
-        described = [await self._call(name, "describe") for name in self.names]
+        described = []
+        for name in self.names:
+            try:
+                described.append(await self._call(name, "describe"))
+            except ApiError as err:  # listed with why it cannot answer
+                described.append({"name": name, "source": self.args.models[name], "error": err.message})
         return {"default": self.names[0], "models": described}
 
     @app.get("/healthz")

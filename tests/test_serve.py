@@ -14,11 +14,13 @@ import io
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -81,14 +83,22 @@ def served(tmp_path_factory):
         common = {"max_batch_size": 4, "max_ongoing_requests": 16, "max_body_bytes": 200_000, "torch_threads": 1}
         common |= {"num_cpus": 0.25, "ingress_cpus": 0.25}
         secure = ServeArgs(
-            models={"digits": "models:/digits-classifier@champion", "pinned": "models:/digits-classifier/1"},
+            models={
+                "digits": "models:/digits-classifier@champion",
+                "pinned": "models:/digits-classifier/1",
+                "missing": "models:/no-such-model@champion",
+            },
             gallery="test",
             max_image_pixels=100_000,
             auth_token_env=TOKEN_ENV,
             alias_check_interval_s=1.0,
             **common,
         )
-        opened = ServeArgs(models={"folder": str(home / "trained")}, alias_check_interval_s=0, **common)
+        opened = ServeArgs(  # tight limits: one request at a time, one waiting
+            models={"folder": str(home / "trained")},
+            alias_check_interval_s=0,
+            **(common | {"max_batch_size": 1, "max_ongoing_requests": 2, "max_queued_requests": 1}),
+        )
         try:
             serve.run(build_app(secure), name="secure", route_prefix="/")
             serve.run(build_app(opened), name="open", route_prefix="/open")
@@ -110,7 +120,7 @@ def digits_test(served):
 def test_healthz_needs_no_token(served):
     answer = served.http.get("/healthz")
     assert answer.status_code == 200
-    assert answer.json() == {"status": "ok", "models": ["digits", "pinned"]}
+    assert answer.json() == {"status": "ok", "models": ["digits", "pinned", "missing"]}
 
 
 def test_auth_on_and_off(served, digits_test):
@@ -171,7 +181,8 @@ def test_models_lists_versions_and_metrics(served):
     answer = served.http.get("/v1/models", headers=AUTH)
     assert answer.status_code == 200
     listed = {m["name"]: m for m in answer.json()["models"]}
-    assert set(listed) == {"digits", "pinned"}
+    assert set(listed) == {"digits", "pinned", "missing"}
+    assert "no-such-model" in listed["missing"]["error"]
     assert listed["digits"]["source"] == "models:/digits-classifier@champion"
     assert listed["digits"]["alias"] == "champion" and listed["pinned"]["version"] == "1"
     assert listed["digits"]["task"] == "classification" and "train/loss" in listed["digits"]["metrics"]
@@ -190,7 +201,7 @@ def bad_requests(image: bytes) -> list[tuple[str, dict, int, str]]:
         ("/v1/classify", {"json": {"image_base64": "@@not base64@@"}}, 422, "base64"),
         ("/v1/classify", {"json": {"top_k": 3}}, 422, "image_base64"),
         ("/v1/embed", {"files": {"other": ("a.png", image)}}, 422, "file"),
-        ("/v1/classify", {"json": {"image_base64": b64(image), "model": "nope"}}, 404, "digits, pinned"),
+        ("/v1/classify", {"json": {"image_base64": b64(image), "model": "nope"}}, 404, "digits, pinned, missing"),
         (
             "/v1/classify",
             {"json": {"image_base64": b64(image)}, "headers": {"serve_multiplexed_model_id": "x"}},
@@ -202,6 +213,13 @@ def bad_requests(image: bytes) -> list[tuple[str, dict, int, str]]:
         ("/v1/retrieve", {"files": {"file": ("a.png", image)}, "data": {"top_k": "-1"}}, 422, "top_k"),
         ("/v1/classify", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 422, "json"),
         ("/v1/classify", {"content": b"raw", "headers": {"content-type": "text/plain"}}, 415, "content-type"),
+        (
+            "/v1/classify",
+            {"content": iter([b"{" + b" " * 150_000] * 2), "headers": {"content-type": "application/json"}},
+            413,
+            "max_body",
+        ),  # chunked: no Content-Length, counted as read
+        ("/v1/classify", {"files": {"file": ("big.png", b"\0" * 250_000)}}, 413, "max_body"),
     ]
 
 
@@ -226,7 +244,11 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
-base64ish = st.one_of(st.text(max_size=40), st.binary(max_size=60).map(b64))
+base64ish = st.one_of(
+    st.text(max_size=40),
+    st.binary(max_size=60).map(b64),
+    st.builds(lambda v, n: b64(png(np.full((n, n), v, dtype=np.uint8))), st.integers(0, 255), st.integers(1, 40)),
+)
 bodies = st.one_of(
     json_values,
     st.fixed_dictionaries(
@@ -277,3 +299,56 @@ def test_alias_move_swaps_the_version_without_failed_requests(served, digits_tes
     assert versions[0] == "1" and versions[-1] == "2"
     listed = {m["name"]: m for m in served.http.get("/v1/models", headers=AUTH).json()["models"]}
     assert listed["digits"]["version"] == "2" and listed["pinned"]["version"] == "1"
+
+
+def test_a_model_that_cannot_load_answers_503(served, digits_test):
+    answer = served.http.post(
+        "/v1/classify", json={"image_base64": b64(png(digits_test[0][0])), "model": "missing"}, headers=AUTH
+    )
+    assert answer.status_code == 503
+    assert "unavailable" in answer.json()["error"] and "no-such-model" in answer.json()["error"]
+
+
+def test_a_full_queue_answers_503(served, digits_test):
+    """The open app takes 2 requests at a time and queues 1: a burst of 24 gets some 503s, each JSON, no 5xx else."""
+    image = {"image_base64": b64(png(digits_test[0][0]))}
+
+    def post(_):
+        with httpx.Client(base_url=served.http.base_url, timeout=60) as http:
+            answer = http.post("/open/v1/classify", json=image)
+            return answer.status_code, answer.json()
+
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(post, range(24)))
+    codes = [code for code, _ in answers]
+    assert set(codes) <= {200, 503} and 200 in codes, codes
+    assert 503 in codes, codes
+    assert all("queue full" in body["error"] for code, body in answers if code == 503)
+    assert served.http.post("/open/v1/classify", json=image).status_code == 200
+
+
+def test_config_file_is_a_valid_serve_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.schemas import ServeArgs, check_args
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "config.yaml").read_text()))
+    assert config.http_options.host == "127.0.0.1"
+    (application,) = config.applications
+    assert application.import_path == "serve.app:build_app"
+    args = ServeArgs.model_validate(application.args)
+    check_args(args)
+    assert args.max_ongoing_requests > args.max_batch_size and args.autoscaling is not None
+    assert all(source.startswith("models:/") for source in args.models.values())
+
+
+def test_args_are_checked():
+    from serve.app import build_app
+    from serve.schemas import ServeArgs
+
+    with pytest.raises(ValueError, match="must exceed max_batch_size"):
+        build_app(ServeArgs(models={"a": "models:/a"}, max_batch_size=8, max_ongoing_requests=8))
+    with pytest.raises(ValueError, match="unset or empty"):
+        build_app(ServeArgs(models={"a": "models:/a"}, auth_token_env="PRETRAINLAB_NO_SUCH_VARIABLE"))
+    with pytest.raises(ValueError):
+        ServeArgs(models={})

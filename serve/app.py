@@ -3,7 +3,6 @@
 ::
 
     serve run serve/config.yaml                       # from the repository root
-    serve run serve.app:build_app models.digits=models:/digits-classifier@champion
 
 Two deployments: ``Gateway`` (the FastAPI ingress: auth, body and image checks, JSON
 errors) and ``ModelServer`` (models loaded with :func:`pretrainlab.get_model`, multiplexed

@@ -378,7 +378,8 @@ async def _result(response: Any) -> Any:
     return await response
 
 
-app = FastAPI(title="PretrainLab Serve", description="Registered checkpoints behind HTTP endpoints.")
+# No /docs or /openapi.json: they would sit outside the bearer token, and the routes read their bodies themselves.
+app = FastAPI(title="PretrainLab Serve", docs_url=None, redoc_url=None, openapi_url=None)
 install_handlers(app)
 
 

@@ -103,8 +103,21 @@ def served(tmp_path_factory):
             serve.run(build_app(secure), name="secure", route_prefix="/")
             serve.run(build_app(opened), name="open", route_prefix="/open")
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+                local = threading.local()
+
+                def http_for_threads() -> httpx.Client:  # httpx clients are not shared across threads here
+                    if not hasattr(local, "client"):
+                        local.client = httpx.Client(base_url=http.base_url, timeout=60)
+                    return local.client
+
                 yield SimpleNamespace(
-                    http=http, client=client, runs=runs, folder=folder, home=home, checkpoint=home / "trained"
+                    http=http,
+                    http_for_threads=http_for_threads,
+                    client=client,
+                    runs=runs,
+                    folder=folder,
+                    home=home,
+                    checkpoint=home / "trained",
                 )
         finally:
             serve.shutdown()
@@ -156,6 +169,27 @@ def test_classify_matches_the_inference_api(served, digits_test):
         assert got["pred_score"] == pytest.approx(want["pred_score"], abs=1e-5)
         assert [t["label"] for t in got["pred_topk"]] == [t["label"] for t in want["pred_topk"]]
         assert len(got["pred_scores"]) == 10 and sum(got["pred_scores"]) == pytest.approx(1, abs=1e-4)
+
+
+def test_concurrent_requests_are_batched_per_model_with_their_own_top_k(served, digits_test):
+    images, _ = digits_test
+    model = pretrainlab.get_model(str(served.checkpoint), device="cpu")
+    expected = pretrainlab.inference_model(model, list(images[:16]), topk=5)
+
+    def post(i):
+        body = {"image_base64": b64(png(images[i])), "top_k": 1 + i % 5, "model": ("pinned", "missing")[i % 8 == 7]}
+        return served.http_for_threads().post("/v1/classify", json=body, headers=AUTH)
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(post, range(16)))
+    for i, answer in enumerate(answers):
+        if i % 8 == 7:
+            assert answer.status_code == 503, answer.text
+            continue
+        assert answer.status_code == 200, answer.text
+        got = answer.json()
+        assert got["pred_label"] == expected[i]["pred_label"]
+        assert [t["label"] for t in got["pred_topk"]] == [t["label"] for t in expected[i]["pred_topk"][: 1 + i % 5]]
 
 
 def test_embed_and_retrieve(served, digits_test):
@@ -240,7 +274,7 @@ def test_bad_inputs_get_4xx_json_and_the_replica_survives(served, digits_test):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
@@ -258,13 +292,26 @@ bodies = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@FUZZ
 @given(path=st.sampled_from(["/v1/classify", "/v1/embed", "/v1/retrieve"]), body=bodies)
 def test_fuzzed_json_bodies_never_get_5xx(served, path, body):
     answer = served.http.post(path, json=body, headers=AUTH)
     assert answer.status_code < 500, (body, answer.text)
     if answer.status_code >= 400:
         assert isinstance(answer.json()["error"], str)
+
+
+@FUZZ
+@given(path=st.sampled_from(["/v1/classify", "/v1/embed", "/v1/retrieve"]), raw=st.binary(max_size=200))
+def test_fuzzed_raw_json_bodies_never_get_5xx(served, path, raw):
+    answer = served.http.post(path, content=raw, headers={**AUTH, "content-type": "application/json"})
+    assert answer.status_code < 500, (raw, answer.text)
+    assert answer.status_code == 422 and isinstance(answer.json()["error"], str)
 
 
 def test_alias_move_swaps_the_version_without_failed_requests(served, digits_test):

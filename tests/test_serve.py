@@ -399,3 +399,14 @@ def test_args_are_checked():
         build_app(ServeArgs(models={"a": "models:/a"}, auth_token_env="PRETRAINLAB_NO_SUCH_VARIABLE"))
     with pytest.raises(ValueError):
         ServeArgs(models={})
+
+
+def test_reconfigure_re_resolves_aliases_at_once(served):
+    """What a redeploy with a changed ``user_config`` runs: the alias is re-resolved before it returns."""
+    from ray import serve
+
+    served.client.set_registered_model_alias("digits-classifier", "champion", "1")
+    server = serve.get_deployment_handle("ModelServer", app_name="secure")
+    server.reconfigure.remote({"alias_check_interval_s": 0}).result(timeout_s=60)
+    listed = {m["name"]: m for m in served.http.get("/v1/models", headers=AUTH).json()["models"]}
+    assert listed["digits"]["version"] == "1"

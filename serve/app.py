@@ -130,12 +130,19 @@ class Served:
         }
 
 
-def load_served(name: str, source: str, resolved: Resolved, gallery: str | None, gallery_dataset: str | None) -> Served:
+def load_served(
+    name: str,
+    source: str,
+    resolved: Resolved,
+    gallery: str | None,
+    gallery_dataset: str | None,
+    device: str | None = None,
+) -> Served:
     """Load ``resolved.uri`` with :func:`pretrainlab.get_model` and build its inferencers."""
     import pretrainlab
     from pretrainlab.inference.inferencers import FeatureExtractor, ImageRetrievalInferencer
 
-    model = pretrainlab.get_model(resolved.uri, device="cpu")
+    model = pretrainlab.get_model(resolved.uri, device=device)
     info = model.info
     served = Served(name, source, resolved, info.task, dict(info.meta), list(info.class_names))
     if info.task == "classification":
@@ -252,7 +259,7 @@ def model_server(args: ServeArgs) -> Any:
             source = self.args.models[name]
             resolved = await asyncio.to_thread(resolve_source, source, self.args.tracking_uri)
             served = await asyncio.to_thread(
-                load_served, name, source, resolved, self.args.gallery, self.args.gallery_dataset
+                load_served, name, source, resolved, self.args.gallery, self.args.gallery_dataset, self.args.device
             )
             slot = Slot(served)
             self.slots[name] = slot
@@ -282,7 +289,13 @@ def model_server(args: ServeArgs) -> Any:
                         if resolved.uri == served.resolved.uri:
                             continue
                         slot.current = await asyncio.to_thread(
-                            load_served, name, served.source, resolved, self.args.gallery, self.args.gallery_dataset
+                            load_served,
+                            name,
+                            served.source,
+                            resolved,
+                            self.args.gallery,
+                            self.args.gallery_dataset,
+                            self.args.device,
                         )
                     except Exception as err:  # a store hiccup or a broken version keeps the loaded one
                         logger.warning("%s: keeping %s: %s", name, served.resolved.uri, err)
@@ -520,7 +533,7 @@ def build_app(args: ServeArgs) -> serve.Application:
     settings = args.model_dump()
     options: dict[str, Any] = {
         "max_ongoing_requests": args.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": args.num_cpus},
+        "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
         "max_queued_requests": args.max_queued_requests,
         "user_config": {"alias_check_interval_s": args.alias_check_interval_s},
     }

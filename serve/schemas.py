@@ -51,6 +51,8 @@ class ServeArgs(BaseModel):
     autoscaling: AutoscalingArgs | None = None
     ingress_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0)  # Ray CPUs reserved by each model replica
+    num_gpus: float = Field(0.0, ge=0)  # Ray GPUs reserved by each model replica
+    device: str | None = None  # torch device of the models; default: CUDA when the replica sees one, else CPU
     ingress_cpus: float = Field(0.5, ge=0)  # Ray CPUs reserved by each ingress replica
     torch_threads: int | None = Field(None, ge=1)
 

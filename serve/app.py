@@ -391,6 +391,27 @@ async def _result(response: Any) -> Any:
     return await response
 
 
+async def answer_of(response: Any, name: str, timeout_s: float) -> dict[str, Any]:
+    """The result of a ``ModelServer`` call, its failures as :class:`ApiError` (503 or 504).
+
+    Args:
+        response: The ``DeploymentResponse`` (anything awaitable with ``cancel()``).
+        name: The model's name, for messages.
+        timeout_s: Cancel the call and answer 504 after this long.
+    """
+    try:
+        return await asyncio.wait_for(_result(response), timeout_s)
+    except BackPressureError:
+        raise ApiError(503, f"model {name!r}: request queue full (max_queued_requests), retry later") from None
+    except RayTaskError as err:  # the model failed to load, or a bug: name it rather than a bare 500
+        cause = getattr(err, "cause", None) or err
+        logger.error("model %r: %s", name, cause)
+        raise ApiError(503, f"model {name!r} is unavailable: {type(cause).__name__}: {cause}") from None
+    except TimeoutError:
+        response.cancel()
+        raise ApiError(504, f"model {name!r}: no answer within request_timeout_s {timeout_s}") from None
+
+
 # No /docs or /openapi.json: they would sit outside the bearer token, and the routes read their bodies themselves.
 app = FastAPI(title="PretrainLab Serve", docs_url=None, redoc_url=None, openapi_url=None)
 install_handlers(app)
@@ -473,19 +494,7 @@ class Gateway:
 
     async def _call(self, name: str, method: str, *args: Any) -> dict[str, Any]:
         response = getattr(self.server.options(multiplexed_model_id=name), method).remote(*args)
-        try:
-            return await asyncio.wait_for(_result(response), self.args.request_timeout_s)
-        except BackPressureError:
-            raise ApiError(503, f"model {name!r}: request queue full (max_queued_requests), retry later") from None
-        except RayTaskError as err:  # the model failed to load, or a bug: name it rather than a bare 500
-            cause = getattr(err, "cause", None) or err
-            logger.error("model %r: %s", name, cause)
-            raise ApiError(503, f"model {name!r} is unavailable: {type(cause).__name__}: {cause}") from None
-        except TimeoutError:
-            response.cancel()
-            raise ApiError(
-                504, f"model {name!r}: no answer within request_timeout_s {self.args.request_timeout_s}"
-            ) from None
+        return await answer_of(response, name, self.args.request_timeout_s)
 
     async def _task(self, request: Request, task: str) -> dict[str, Any]:
         name, image, top_k = await self._image_request(request)

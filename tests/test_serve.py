@@ -9,6 +9,7 @@ and ``pinned`` (``models:/digits-classifier/1``), behind a bearer token. A secon
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import sys
@@ -410,3 +411,22 @@ def test_reconfigure_re_resolves_aliases_at_once(served):
     server.reconfigure.remote({"alias_check_interval_s": 0}).result(timeout_s=60)
     listed = {m["name"]: m for m in served.http.get("/v1/models", headers=AUTH).json()["models"]}
     assert listed["digits"]["version"] == "1"
+
+
+def test_a_call_past_request_timeout_is_cancelled_and_answers_504():
+    from serve.app import answer_of
+    from serve.errors import ApiError
+
+    class Never:
+        cancelled = False
+
+        def __await__(self):
+            return asyncio.sleep(3600).__await__()
+
+        def cancel(self):
+            self.cancelled = True
+
+    response = Never()
+    with pytest.raises(ApiError, match="request_timeout_s 0.1") as raised:
+        asyncio.run(answer_of(response, "digits", 0.1))
+    assert raised.value.status == 504 and response.cancelled

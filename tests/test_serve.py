@@ -315,6 +315,19 @@ def test_fuzzed_raw_json_bodies_never_get_5xx(served, path, raw):
     assert answer.status_code == 422 and isinstance(answer.json()["error"], str)
 
 
+@FUZZ
+@given(
+    path=st.sampled_from(["/v1/classify", "/v1/embed", "/v1/retrieve"]),
+    fields=st.dictionaries(st.sampled_from(["model", "top_k", "file", "other"]), st.text(max_size=12), max_size=3),
+    upload=st.one_of(st.none(), st.binary(max_size=80)),
+)
+def test_fuzzed_multipart_fields_never_get_5xx(served, path, fields, upload):
+    files = {"file": ("a.png", upload)} if upload is not None else {"other": ("b.txt", b"x")}
+    answer = served.http.post(path, data=fields, files=files, headers=AUTH)
+    assert answer.status_code < 500, (fields, upload, answer.text)
+    assert 400 <= answer.status_code and isinstance(answer.json()["error"], str)
+
+
 def test_alias_move_swaps_the_version_without_failed_requests(served, digits_test):
     image = b64(png(digits_test[0][0]))
     failures, versions, stop = [], [], threading.Event()

@@ -92,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    best = result.get_best_checkpoint(cfg.train.checkpoint.score_metric, cfg.train.checkpoint.score_mode)
+    score = cfg.train.checkpoint.score_metric
+    best = result.get_best_checkpoint(score, cfg.train.checkpoint.score_mode)
+    best_metrics = next(metrics for checkpoint, metrics in result.best_checkpoints if checkpoint.path == best.path)
+    # the best epoch's value, so that jobs/promote.py --metric best/val/top1 ranks runs by their checkpoints
+    client.log_metric(run_id, f"best/{score}", best_metrics[score])
     with best.as_directory() as folder:
         evaluation = evaluate_checkpoint(folder, "test", data_folder, cfg.train.eval_batch_size)
         log_evaluation(client, run_id, evaluation, step=int(result.metrics["step"]))

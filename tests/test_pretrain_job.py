@@ -49,6 +49,7 @@ def test_two_workers_two_epochs_tracked_in_mlflow(project, capsys):
     # 10 classes: chance is 10%
     assert history["val/top1"][-1].value > 60.0, history["val/top1"]
     assert run.data.metrics["test/top1"] > 60.0
+    assert run.data.metrics["best/val/top1"] == max(m.value for m in history["val/top1"])
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"checkpoint", "config.yaml", "evaluation"} <= artifacts

@@ -4,10 +4,11 @@
 
     serve run serve/config.yaml                       # from the repository root
 
-Two deployments: ``Gateway`` (the FastAPI ingress: auth, body and image checks, JSON
-errors) and ``ModelServer`` (models loaded with :func:`pretrainlab.get_model`, multiplexed
-by name, dynamic batching per model, alias watching). Routes: ``POST /v1/classify``,
-``POST /v1/embed``, ``POST /v1/retrieve``, ``GET /v1/models``, ``GET /healthz``.
+One deployment, ``ModelServer``, the FastAPI ingress itself, so a request goes from Serve's
+proxy to one replica: auth, body and image checks, JSON errors; models loaded with
+:func:`pretrainlab.get_model`, multiplexed by name; dynamic batching split per model;
+alias watching. Routes: ``POST /v1/classify``, ``POST /v1/embed``, ``POST /v1/retrieve``,
+``GET /v1/models``, ``GET /healthz``.
 """
 
 import asyncio
@@ -29,9 +30,6 @@ from fastapi import FastAPI, Request
 from PIL import Image
 from pydantic import ValidationError
 from ray import serve
-from ray.exceptions import RayTaskError
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 
 from serve.errors import ApiError, install_handlers
@@ -230,103 +228,6 @@ def _retrieve(served: Served, requests: list[tuple[bytes, int]]) -> list[dict[st
 
 _TASKS = {"classify": _classify, "embed": _embed, "retrieve": _retrieve}
 
-
-def model_server(args: ServeArgs) -> Any:
-    """The ``ModelServer`` deployment class, with ``args``' multiplexing and batching limits."""
-
-    @serve.deployment(name="ModelServer")
-    class ModelServer:
-        """Loads models by name (multiplexed), batches requests per model, swaps moved aliases."""
-
-        def __init__(self, settings: dict[str, Any]) -> None:
-            self.args = ServeArgs.model_validate(settings)
-            if self.args.torch_threads:
-                torch.set_num_threads(self.args.torch_threads)
-            Image.MAX_IMAGE_PIXELS = self.args.max_image_pixels
-            self.interval = self.args.alias_check_interval_s
-            self.slots: weakref.WeakValueDictionary[str, Slot] = weakref.WeakValueDictionary()
-            self.watcher: asyncio.Task | None = None
-            self.swap_lock = asyncio.Lock()
-
-        async def reconfigure(self, config: dict[str, Any]) -> None:
-            """``user_config``: ``alias_check_interval_s``; any change also re-resolves aliases now."""
-            self.interval = float(config.get("alias_check_interval_s", self.interval))
-            if self.slots:
-                await self.refresh()
-
-        @serve.multiplexed(max_num_models_per_replica=args.max_models_per_replica)
-        async def slot(self, name: str) -> Slot:
-            source = self.args.models[name]
-            resolved = await asyncio.to_thread(resolve_source, source, self.args.tracking_uri)
-            served = await asyncio.to_thread(
-                load_served, name, source, resolved, self.args.gallery, self.args.gallery_dataset, self.args.device
-            )
-            slot = Slot(served)
-            self.slots[name] = slot
-            self._start_watcher()
-            return slot
-
-        def _start_watcher(self) -> None:
-            if self.watcher is None or self.watcher.done():
-                self.watcher = asyncio.get_running_loop().create_task(self._watch())
-
-        async def _watch(self) -> None:
-            while True:
-                await asyncio.sleep(self.interval if self.interval > 0 else 5.0)
-                if self.interval > 0:
-                    await self.refresh()
-
-        async def refresh(self) -> list[str]:
-            """Re-resolve every loaded alias; load and swap in the versions that moved. Returns the swapped names."""
-            swapped = []
-            async with self.swap_lock:
-                for name, slot in list(self.slots.items()):
-                    served = slot.current
-                    if not served.resolved.watch:
-                        continue
-                    try:
-                        resolved = await asyncio.to_thread(resolve_source, served.source, self.args.tracking_uri)
-                        if resolved.uri == served.resolved.uri:
-                            continue
-                        slot.current = await asyncio.to_thread(
-                            load_served,
-                            name,
-                            served.source,
-                            resolved,
-                            self.args.gallery,
-                            self.args.gallery_dataset,
-                            self.args.device,
-                        )
-                    except Exception as err:  # a store hiccup or a broken version keeps the loaded one
-                        logger.warning("%s: keeping %s: %s", name, served.resolved.uri, err)
-                        continue
-                    logger.info("%s: swapped %s -> %s", name, served.resolved.uri, resolved.uri)
-                    swapped.append(name)
-            return swapped
-
-        async def _current(self) -> Served:
-            return (await self.slot(serve.get_multiplexed_model_id())).current
-
-        async def describe(self) -> dict[str, Any]:
-            return (await self._current()).describe()
-
-        async def run(self, task: str, image: bytes, top_k: int) -> dict[str, Any]:
-            return await self._batch((task, image, top_k))
-
-        @serve.batch(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s)
-        async def _batch(self, requests: list[tuple[str, bytes, int]]) -> list[dict[str, Any]]:
-            served = await self._current()  # a batch holds one model's requests (split by multiplexed id)
-            results: list[dict[str, Any]] = [{}] * len(requests)
-            for task in {request[0] for request in requests}:
-                rows = [i for i, request in enumerate(requests) if request[0] == task]
-                items = [(requests[i][1], requests[i][2]) for i in rows]
-                for row, result in zip(rows, await asyncio.to_thread(_TASKS[task], served, items), strict=True):
-                    results[row] = {"model": served.name, "version": served.resolved.version, **result}
-            return results
-
-    return ModelServer
-
-
 # --------------------------------------------------------------------------- HTTP
 
 
@@ -391,155 +292,234 @@ async def _result(response: Any) -> Any:
     return await response
 
 
-async def answer_of(response: Any, name: str, timeout_s: float) -> dict[str, Any]:
-    """The result of a ``ModelServer`` call, its failures as :class:`ApiError` (503 or 504).
+async def answer_of(response: Any, name: str, timeout_s: float) -> Any:
+    """The result of a model call, its failures as :class:`ApiError` (503 or 504).
 
     Args:
-        response: The ``DeploymentResponse`` (anything awaitable with ``cancel()``).
+        response: The call, as a task (anything awaitable with ``cancel()``).
         name: The model's name, for messages.
         timeout_s: Cancel the call and answer 504 after this long.
     """
     try:
         return await asyncio.wait_for(_result(response), timeout_s)
-    except BackPressureError:
-        raise ApiError(503, f"model {name!r}: request queue full (max_queued_requests), retry later") from None
-    except RayTaskError as err:  # the model failed to load, or a bug: name it rather than a bare 500
-        cause = getattr(err, "cause", None) or err
-        logger.error("model %r: %s", name, cause)
-        raise ApiError(503, f"model {name!r} is unavailable: {type(cause).__name__}: {cause}") from None
     except TimeoutError:
         response.cancel()
         raise ApiError(504, f"model {name!r}: no answer within request_timeout_s {timeout_s}") from None
+    except Exception as err:  # the model failed to load, or a bug: name it rather than a bare 500
+        logger.error("model %r: %s", name, err)
+        raise ApiError(503, f"model {name!r} is unavailable: {type(err).__name__}: {err}") from None
 
 
-# No /docs or /openapi.json: they would sit outside the bearer token, and the routes read their bodies themselves.
-app = FastAPI(title="PretrainLab Serve", docs_url=None, redoc_url=None, openapi_url=None)
-install_handlers(app)
+def model_server(args: ServeArgs) -> Any:
+    """The ``ModelServer`` deployment class, with ``args``' multiplexing and batching limits."""
+    # No /docs or /openapi.json: they would sit outside the bearer token, and the routes read their bodies themselves.
+    app = FastAPI(title="PretrainLab Serve", docs_url=None, redoc_url=None, openapi_url=None)
+    install_handlers(app)
 
+    @serve.deployment(name="ModelServer")
+    @serve.ingress(app)
+    class ModelServer:
+        """The HTTP ingress and the models: auth, body and image checks, models loaded by name
+        (multiplexed), requests batched and run per model, moved aliases swapped in."""
 
-@serve.deployment(name="Gateway")
-@serve.ingress(app)
-class Gateway:
-    """The HTTP ingress: auth, body limits, image checks; the models run in ``ModelServer``."""
+        def __init__(self, settings: dict[str, Any]) -> None:
+            self.args = ServeArgs.model_validate(settings)
+            self.token = read_token(self.args)
+            self.names = list(self.args.models)
+            if self.args.torch_threads:
+                torch.set_num_threads(self.args.torch_threads)
+            Image.MAX_IMAGE_PIXELS = self.args.max_image_pixels
+            self.interval = self.args.alias_check_interval_s
+            self.slots: weakref.WeakValueDictionary[str, Slot] = weakref.WeakValueDictionary()
+            self.watcher: asyncio.Task | None = None
+            self.swap_lock = asyncio.Lock()
 
-    def __init__(self, server: DeploymentHandle, settings: dict[str, Any]) -> None:
-        self.args = ServeArgs.model_validate(settings)
-        self.token = read_token(self.args)
-        self.server = server
-        self.names = list(self.args.models)
-        Image.MAX_IMAGE_PIXELS = self.args.max_image_pixels
+        # ------------------------------------------------------------------ models
 
-    def _authorize(self, request: Request) -> None:
-        if self.token is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-            raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        async def reconfigure(self, config: dict[str, Any]) -> None:
+            """``user_config``: ``alias_check_interval_s``; any change also re-resolves aliases now."""
+            self.interval = float(config.get("alias_check_interval_s", self.interval))
+            if self.slots:
+                await self.refresh()
 
-    async def _body(self, request: Request) -> bytes:
-        limit = self.args.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                raise ApiError(400, f"Content-Length: not a number: {length!r}")
-            if int(length) > limit:
-                raise ApiError(413, f"body of {length} bytes, over max_body_bytes {limit}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"body over max_body_bytes {limit}")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        @serve.multiplexed(max_num_models_per_replica=args.max_models_per_replica)
+        async def slot(self, name: str) -> Slot:
+            source = self.args.models[name]
+            resolved = await asyncio.to_thread(resolve_source, source, self.args.tracking_uri)
+            served = await asyncio.to_thread(
+                load_served, name, source, resolved, self.args.gallery, self.args.gallery_dataset, self.args.device
+            )
+            slot = Slot(served)
+            self.slots[name] = slot
+            self._start_watcher()
+            return slot
 
-    async def _image_request(self, request: Request) -> tuple[str, bytes, int]:
-        """The model name, image bytes and top_k of a multipart or JSON request."""
-        self._authorize(request)
-        body = await self._body(request)
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind == "multipart/form-data":
-            request._body = body  # parsed from the bytes already read and counted
-            try:
-                form = await request.form(max_files=1, max_fields=8)
-            except Exception as err:  # python-multipart / Starlette parse errors
-                raise ApiError(400, f"multipart body: cannot parse: {err}") from None
-            upload = form.get("file")
-            if upload is None:
-                raise ApiError(422, "file: field required (multipart upload of the image)")
-            if not isinstance(upload, UploadFile):
-                raise ApiError(422, "file: must be a file upload, not a text field")
-            image = await upload.read()
-            model, top_k = form.get("model"), parse_top_k(form.get("top_k", 5))
-        elif kind == "application/json":
-            try:
-                parsed = ImageRequest.model_validate_json(body)
-            except ValidationError as err:
-                raise ApiError(422, describe_error(err.errors(include_url=False))) from None
-            try:
-                image = base64.b64decode(parsed.image_base64, validate=True)
-            except (binascii.Error, ValueError) as err:
-                raise ApiError(422, f"image_base64: invalid base64: {err}") from None
-            model, top_k = parsed.model, parsed.top_k
-        else:
-            raise ApiError(415, f"Content-Type {kind or 'missing'}: send multipart/form-data or application/json")
-        name = self._model_name(request, model if isinstance(model, str) else None)
-        await asyncio.to_thread(check_image, image, self.args.max_image_pixels)
-        return name, image, top_k
+        def _start_watcher(self) -> None:
+            if self.watcher is None or self.watcher.done():
+                self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
-    def _model_name(self, request: Request, field_value: str | None) -> str:
-        name = field_value or request.headers.get(MODEL_HEADER) or self.names[0]
-        if name not in self.args.models:
-            raise ApiError(404, f"model {name!r} is not served; served: {', '.join(self.names)}")
-        return name
+        async def _watch(self) -> None:
+            while True:
+                await asyncio.sleep(self.interval if self.interval > 0 else 5.0)
+                if self.interval > 0:
+                    await self.refresh()
 
-    async def _call(self, name: str, method: str, *args: Any) -> dict[str, Any]:
-        response = getattr(self.server.options(multiplexed_model_id=name), method).remote(*args)
-        return await answer_of(response, name, self.args.request_timeout_s)
+        async def refresh(self) -> list[str]:
+            """Re-resolve every loaded alias; load and swap in the versions that moved. Returns the swapped names."""
+            swapped = []
+            async with self.swap_lock:
+                for name, slot in list(self.slots.items()):
+                    served = slot.current
+                    if not served.resolved.watch:
+                        continue
+                    try:
+                        resolved = await asyncio.to_thread(resolve_source, served.source, self.args.tracking_uri)
+                        if resolved.uri == served.resolved.uri:
+                            continue
+                        slot.current = await asyncio.to_thread(
+                            load_served,
+                            name,
+                            served.source,
+                            resolved,
+                            self.args.gallery,
+                            self.args.gallery_dataset,
+                            self.args.device,
+                        )
+                    except Exception as err:  # a store hiccup or a broken version keeps the loaded one
+                        logger.warning("%s: keeping %s: %s", name, served.resolved.uri, err)
+                        continue
+                    logger.info("%s: swapped %s -> %s", name, served.resolved.uri, resolved.uri)
+                    swapped.append(name)
+            return swapped
 
-    async def _task(self, request: Request, task: str) -> dict[str, Any]:
-        name, image, top_k = await self._image_request(request)
-        result = await self._call(name, "run", task, image, top_k)
-        if "error" in result:
-            raise ApiError(result.get("status", 422), result["error"])
-        return result
+        async def _run(self, name: str, task: str, image: bytes, top_k: int) -> dict[str, Any]:
+            await self.slot(name)  # loaded here, so a load neither holds up nor fails a batch of other models
+            return await self._batch((name, task, image, top_k))
 
-    @app.post("/v1/classify")
-    async def classify(self, request: Request) -> dict[str, Any]:
-        """Top-k labels and scores of an image (``file`` upload or JSON ``image_base64``)."""
-        return await self._task(request, "classify")
+        @serve.batch(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s)
+        async def _batch(self, requests: list[tuple[str, str, bytes, int]]) -> list[dict[str, Any]]:
+            """Requests of any models and tasks, run in one call per (model, task)."""
+            results: list[dict[str, Any]] = [{}] * len(requests)
+            for name, task in dict.fromkeys((name, task) for name, task, _, _ in requests):
+                served = (await self.slot(name)).current
+                rows = [i for i, request in enumerate(requests) if request[:2] == (name, task)]
+                items = [(requests[i][2], requests[i][3]) for i in rows]
+                for row, result in zip(rows, await asyncio.to_thread(_TASKS[task], served, items), strict=True):
+                    results[row] = {"model": served.name, "version": served.resolved.version, **result}
+            return results
 
-    @app.post("/v1/embed")
-    async def embed(self, request: Request) -> dict[str, Any]:
-        """The backbone's pooled features of an image."""
-        return await self._task(request, "embed")
+        # ------------------------------------------------------------------ HTTP
 
-    @app.post("/v1/retrieve")
-    async def retrieve(self, request: Request) -> dict[str, Any]:
-        """The top-k gallery rows most similar to an image: ``sample_idx`` and ``match_score``."""
-        return await self._task(request, "retrieve")
+        def _authorize(self, request: Request) -> None:
+            if self.token is None:
+                return
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+                raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
-    @app.get("/v1/models")
-    async def models(self, request: Request) -> dict[str, Any]:
-        """Every served model: source, version, alias, task and the checkpoint's metrics."""
-        self._authorize(request)
-        described = []
-        for name in self.names:
-            try:
-                described.append(await self._call(name, "describe"))
-            except ApiError as err:  # listed with why it cannot answer
-                described.append({"name": name, "source": self.args.models[name], "error": err.message})
-        return {"default": self.names[0], "models": described}
+        async def _body(self, request: Request) -> bytes:
+            limit = self.args.max_body_bytes
+            length = request.headers.get("content-length")
+            if length is not None:
+                if not length.isdigit():
+                    raise ApiError(400, f"Content-Length: not a number: {length!r}")
+                if int(length) > limit:
+                    raise ApiError(413, f"body of {length} bytes, over max_body_bytes {limit}")
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"body over max_body_bytes {limit}")
+                chunks.append(chunk)
+            return b"".join(chunks)
 
-    @app.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "models": self.names}
+        async def _image_request(self, request: Request) -> tuple[str, bytes, int]:
+            """The model name, image bytes and top_k of a multipart or JSON request."""
+            self._authorize(request)
+            body = await self._body(request)
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind == "multipart/form-data":
+                request._body = body  # parsed from the bytes already read and counted
+                try:
+                    form = await request.form(max_files=1, max_fields=8)
+                except Exception as err:  # python-multipart / Starlette parse errors
+                    raise ApiError(400, f"multipart body: cannot parse: {err}") from None
+                upload = form.get("file")
+                if upload is None:
+                    raise ApiError(422, "file: field required (multipart upload of the image)")
+                if not isinstance(upload, UploadFile):
+                    raise ApiError(422, "file: must be a file upload, not a text field")
+                image = await upload.read()
+                model, top_k = form.get("model"), parse_top_k(form.get("top_k", 5))
+            elif kind == "application/json":
+                try:
+                    parsed = ImageRequest.model_validate_json(body)
+                except ValidationError as err:
+                    raise ApiError(422, describe_error(err.errors(include_url=False))) from None
+                try:
+                    image = base64.b64decode(parsed.image_base64, validate=True)
+                except (binascii.Error, ValueError) as err:
+                    raise ApiError(422, f"image_base64: invalid base64: {err}") from None
+                model, top_k = parsed.model, parsed.top_k
+            else:
+                raise ApiError(415, f"Content-Type {kind or 'missing'}: send multipart/form-data or application/json")
+            name = self._model_name(request, model if isinstance(model, str) else None)
+            await asyncio.to_thread(check_image, image, self.args.max_image_pixels)
+            return name, image, top_k
+
+        def _model_name(self, request: Request, field_value: str | None) -> str:
+            name = field_value or request.headers.get(MODEL_HEADER) or self.names[0]
+            if name not in self.args.models:
+                raise ApiError(404, f"model {name!r} is not served; served: {', '.join(self.names)}")
+            return name
+
+        async def _task(self, request: Request, task: str) -> dict[str, Any]:
+            name, image, top_k = await self._image_request(request)
+            call = asyncio.ensure_future(self._run(name, task, image, top_k))
+            result = await answer_of(call, name, self.args.request_timeout_s)
+            if "error" in result:
+                raise ApiError(result.get("status", 422), result["error"])
+            return result
+
+        @app.post("/v1/classify")
+        async def classify(self, request: Request) -> dict[str, Any]:
+            """Top-k labels and scores of an image (``file`` upload or JSON ``image_base64``)."""
+            return await self._task(request, "classify")
+
+        @app.post("/v1/embed")
+        async def embed(self, request: Request) -> dict[str, Any]:
+            """The backbone's pooled features of an image."""
+            return await self._task(request, "embed")
+
+        @app.post("/v1/retrieve")
+        async def retrieve(self, request: Request) -> dict[str, Any]:
+            """The top-k gallery rows most similar to an image: ``sample_idx`` and ``match_score``."""
+            return await self._task(request, "retrieve")
+
+        @app.get("/v1/models")
+        async def models(self, request: Request) -> dict[str, Any]:
+            """Every served model: source, version, alias, task and the checkpoint's metrics."""
+            self._authorize(request)
+            described = []
+            for name in self.names:
+                try:
+                    slot = await answer_of(asyncio.ensure_future(self.slot(name)), name, self.args.request_timeout_s)
+                    described.append(slot.current.describe())
+                except ApiError as err:  # listed with why it cannot answer
+                    described.append({"name": name, "source": self.args.models[name], "error": err.message})
+            return {"default": self.names[0], "models": described}
+
+        @app.get("/healthz")
+        async def healthz(self) -> dict[str, Any]:
+            return {"status": "ok", "models": self.names}
+
+    return ModelServer
 
 
 def build_app(args: ServeArgs) -> serve.Application:
-    """The application: ``Gateway`` in front of ``ModelServer``, sized by ``args``."""
+    """The application: one ``ModelServer`` deployment, the HTTP ingress, sized by ``args``."""
     check_args(args)
     read_token(args)  # fail at deploy time, not on the first request
-    settings = args.model_dump()
     options: dict[str, Any] = {
         "max_ongoing_requests": args.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
@@ -550,10 +530,4 @@ def build_app(args: ServeArgs) -> serve.Application:
         options["autoscaling_config"] = args.autoscaling.model_dump()
     else:
         options["num_replicas"] = args.num_replicas
-    server = model_server(args).options(**options).bind(settings)
-    gateway = Gateway.options(
-        num_replicas=args.ingress_replicas,
-        max_ongoing_requests=4 * args.max_ongoing_requests,
-        ray_actor_options={"num_cpus": args.ingress_cpus},
-    )
-    return gateway.bind(server, settings)
+    return model_server(args).options(**options).bind(args.model_dump())

@@ -10,7 +10,7 @@ MAX_TOP_K = 100
 
 
 class AutoscalingArgs(BaseModel):
-    """Ray Serve ``autoscaling_config`` of the model deployment."""
+    """Ray Serve ``autoscaling_config`` of the deployment."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -47,13 +47,11 @@ class ServeArgs(BaseModel):
     auth_token_env: str | None = None  # name of the environment variable holding the bearer token
     auth_token_file: str | None = None  # file holding the bearer token
     alias_check_interval_s: float = Field(60.0, ge=0)  # 0: only on reconfigure
-    num_replicas: int = Field(1, ge=1)  # of the model deployment, when autoscaling is None
+    num_replicas: int = Field(1, ge=1)  # when autoscaling is None
     autoscaling: AutoscalingArgs | None = None
-    ingress_replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, ge=0)  # Ray CPUs reserved by each model replica
-    num_gpus: float = Field(0.0, ge=0)  # Ray GPUs reserved by each model replica
+    num_cpus: float = Field(1.0, ge=0)  # Ray CPUs reserved by each replica
+    num_gpus: float = Field(0.0, ge=0)  # Ray GPUs reserved by each replica
     device: str | None = None  # torch device of the models; default: CUDA when the replica sees one, else CPU
-    ingress_cpus: float = Field(0.5, ge=0)  # Ray CPUs reserved by each ingress replica
     torch_threads: int | None = Field(None, ge=1)
 
     @field_validator("models")

@@ -220,6 +220,9 @@ class SchedulerConfig(_Section):
     perturbation_interval: int = Field(1, ge=1, description="PBT: epochs between exploit/explore steps.")
     quantile_fraction: float = Field(0.5, gt=0, le=0.5, description="PBT: the bottom fraction copies the top.")
     resample_probability: float = Field(0.25, ge=0, le=1, description="PBT: resample instead of perturb.")
+    synch: bool = Field(
+        True, description="PBT: exploit once every trial reached the interval (checkpoints saved), not as each does."
+    )
 
 
 class SweepConfig(_Section):

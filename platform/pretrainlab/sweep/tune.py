@@ -206,6 +206,7 @@ def build_scheduler(config: SweepConfig, epochs: int) -> TrialScheduler:
             hyperparam_mutations={key: tune_domain(dim, grid_as_choice=True) for key, dim in config.space.items()},
             quantile_fraction=rules.quantile_fraction,
             resample_probability=rules.resample_probability,
+            synch=rules.synch,
         )
     return FIFOScheduler()
 

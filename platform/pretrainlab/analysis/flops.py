@@ -19,7 +19,6 @@ the arguments.
 from __future__ import annotations
 
 import argparse
-import csv
 import difflib
 import sys
 from collections.abc import Callable
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from pretrainlab.analysis.outputs import add_output_arguments, publish
+from pretrainlab.analysis.outputs import add_output_arguments, publish, write_csv
 from pretrainlab.config import ConfigError, ExperimentConfig, load_config
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.paths import resolve
@@ -284,10 +283,7 @@ def write(result: FlopCount, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = table(result)
     if out.suffix.lower() == ".csv":
-        with out.open("w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, COLUMNS, out)
         return
     out.write_text("\n".join(["\n".join(f"- {line}" for line in summary(result)), "", markdown(rows)]) + "\n")
 

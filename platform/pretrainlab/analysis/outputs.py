@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
@@ -23,6 +25,16 @@ def add_output_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
         "--mlflow-run", default=os.environ.get("MLFLOW_RUN_ID"), help="also log the file to this MLflow run"
     )
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else the project's)")
+
+
+def write_csv(rows: Iterable[dict], columns: Sequence[str], out: str | os.PathLike) -> None:
+    """Rows (mappings keyed by ``columns``) as a CSV file with a header, its folder created."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def publish(path: str | os.PathLike, args: argparse.Namespace, artifact_dir: str) -> None:

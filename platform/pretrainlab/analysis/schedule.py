@@ -15,7 +15,6 @@ dataset is not prepared here (or to override it). ``--out *.png`` plots them,
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pretrainlab.analysis.outputs import add_output_arguments, publish  # noqa: E402
+from pretrainlab.analysis.outputs import add_output_arguments, publish, write_csv  # noqa: E402
 from pretrainlab.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
 from pretrainlab.data.errors import DatasetError  # noqa: E402
 from pretrainlab.train.optim import build_optimizer  # noqa: E402
@@ -137,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".csv":
-        with out.open("w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, COLUMNS, out)
     else:
         fig = plot(cfg, rows, per_epoch, source)
         fig.savefig(out, dpi=100)

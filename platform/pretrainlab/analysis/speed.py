@@ -12,7 +12,6 @@ size. On a GPU every pass is synchronised before the clock is read.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from pretrainlab.analysis.flops import ModelSpecError, add_model_arguments, builder_from, markdown
-from pretrainlab.analysis.outputs import add_output_arguments, publish
+from pretrainlab.analysis.outputs import add_output_arguments, publish, write_csv
 from pretrainlab.config import ConfigError
 from pretrainlab.data.errors import DatasetError
 
@@ -72,10 +71,7 @@ def write(rows: list[dict], out: Path, description: str) -> None:
     """CSV for ``*.csv``, else markdown with the model's description."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".csv":
-        with out.open("w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, COLUMNS, out)
     else:
         out.write_text(f"- model: {description}\n\n{markdown(rows)}\n")
 

@@ -15,7 +15,6 @@ folder, no readable manifest, unknown split).
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pretrainlab.analysis.outputs import add_output_arguments, publish
+from pretrainlab.analysis.outputs import add_output_arguments, publish, write_csv
 from pretrainlab.data import shards
 from pretrainlab.data.dataset import decode_images
 from pretrainlab.data.errors import DatasetError
@@ -165,11 +164,7 @@ def verify(folder: str | Path, split: str | None = None) -> Report:
 
 
 def write(problems: list[Problem], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
-        writer.writeheader()
-        writer.writerows(asdict(problem) for problem in problems)
+    write_csv((asdict(problem) for problem in problems), COLUMNS, out)
 
 
 def main(argv: list[str] | None = None) -> int:

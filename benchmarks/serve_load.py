@@ -43,7 +43,7 @@ from pretrainlab.config import load_config  # noqa: E402
 from pretrainlab.data.catalog import dataset_dir, dataset_info  # noqa: E402
 from pretrainlab.data.dataset import load_split_numpy  # noqa: E402
 from pretrainlab.strategies import get_strategy  # noqa: E402
-from pretrainlab.train.checkpoint import save_checkpoint  # noqa: E402
+from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint  # noqa: E402
 from serve.app import build_app  # noqa: E402
 from serve.schemas import ServeArgs  # noqa: E402
 
@@ -57,24 +57,13 @@ def make_checkpoint(out: Path, overrides: list[str]) -> tuple[Path, list[bytes]]
     info = dataset_info(folder)
     torch.manual_seed(0)
     model = get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"])
-    meta = {
-        "config": cfg.to_dict(),
-        "strategy": cfg.strategy,
-        "class_names": info["class_names"],
-        "num_classes": info["num_classes"],
-        "in_chans": info["in_chans"],
-        "epoch": 0,
-        "step": 0,
-        "metrics": {},
-        "mlflow_run_id": None,
-    }
     images, _ = load_split_numpy(folder, "test")
     pngs = []
     for image in images[:64]:
         buffer = io.BytesIO()
         Image.fromarray(image[0]).save(buffer, format="PNG")
         pngs.append(buffer.getvalue())
-    return save_checkpoint(out, model.state_dict(), meta), pngs
+    return save_checkpoint(out, model.state_dict(), checkpoint_meta(cfg, info, 0, 0, {}, None)), pngs
 
 
 async def closed_loop(url: str, images: list[bytes], clients: int, requests: int, timeout: float) -> dict:

@@ -48,7 +48,8 @@ def local_ray():
 
 def train_digits_checkpoint(cfg, data_folder: Path, out: Path, steps: int = 30, run_id: str | None = None) -> Path:
     """A small trained checkpoint without Ray: ``steps`` SGD steps of ``cfg``'s model on the prepared digits
-    training split (evaluation preprocessing, seeded by ``runtime.seed``), saved with the training loop's meta keys.
+    training split (evaluation preprocessing, seeded by ``runtime.seed``), saved with the training loop's
+    ``checkpoint_meta``.
     """
     import torch
 
@@ -56,7 +57,7 @@ def train_digits_checkpoint(cfg, data_folder: Path, out: Path, steps: int = 30, 
     from pretrainlab.data.dataset import load_split_numpy
     from pretrainlab.data.transforms import eval_pipeline, normalize
     from pretrainlab.strategies import get_strategy
-    from pretrainlab.train.checkpoint import save_checkpoint
+    from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
 
     info = dataset_info(str(data_folder))
     torch.manual_seed(cfg.runtime.seed)
@@ -74,15 +75,4 @@ def train_digits_checkpoint(cfg, data_folder: Path, out: Path, steps: int = 30, 
         loss.backward()
         optimizer.step()
         metrics = {"train/loss": loss.item()}
-    meta = {
-        "config": cfg.to_dict(),
-        "strategy": cfg.strategy,
-        "class_names": info["class_names"],
-        "num_classes": info["num_classes"],
-        "in_chans": info["in_chans"],
-        "epoch": 1,
-        "step": steps,
-        "metrics": metrics,
-        "mlflow_run_id": run_id,
-    }
-    return save_checkpoint(out, model.state_dict(), meta)
+    return save_checkpoint(out, model.state_dict(), checkpoint_meta(cfg, info, 1, steps, metrics, run_id))

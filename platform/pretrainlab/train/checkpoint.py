@@ -27,6 +27,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pretrainlab.config import ExperimentConfig
+
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "config.json"
 STATE_FILE = "training_state.pt"
@@ -53,6 +55,28 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def checkpoint_meta(
+    cfg: ExperimentConfig,
+    dataset: dict[str, Any],
+    epoch: int,
+    step: int,
+    metrics: dict[str, float],
+    mlflow_run_id: str | None,
+) -> dict[str, Any]:
+    """The metadata every PretrainLab checkpoint carries: config, classes, position, metrics, MLflow run."""
+    return {
+        "config": cfg.to_dict(),
+        "strategy": cfg.strategy,
+        "class_names": dataset["class_names"],
+        "num_classes": dataset["num_classes"],
+        "in_chans": dataset["in_chans"],
+        "epoch": epoch,
+        "step": step,
+        "metrics": metrics,
+        "mlflow_run_id": mlflow_run_id,
+    }
 
 
 def save_checkpoint(

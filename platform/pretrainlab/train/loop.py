@@ -26,7 +26,7 @@ from pretrainlab.data.pipeline import Preprocessor, build_mixup, to_model_inputs
 from pretrainlab.models.backbones import uses_convolutions
 from pretrainlab.strategies import get_strategy
 from pretrainlab.tracking.mlflow import MetricLogger, client_for
-from pretrainlab.train.checkpoint import load_checkpoint, save_checkpoint
+from pretrainlab.train.checkpoint import checkpoint_meta, load_checkpoint, save_checkpoint
 from pretrainlab.train.evaluate import all_reduce_sums, classification_sums, metrics_from_sums
 from pretrainlab.train.optim import apply_hyperparameters, build_optimizer
 from pretrainlab.train.schedule import build_scheduler
@@ -170,17 +170,7 @@ def run_loop(loop_config: dict[str, Any], session: LoopSession) -> None:
                 folder = save_checkpoint(
                     Path(tmp) / "checkpoint",
                     _unwrap(model).state_dict(),
-                    meta={
-                        "config": cfg.to_dict(),
-                        "strategy": cfg.strategy,
-                        "class_names": info["class_names"],
-                        "num_classes": info["num_classes"],
-                        "in_chans": info["in_chans"],
-                        "epoch": epoch + 1,
-                        "step": step,
-                        "metrics": metrics,
-                        "mlflow_run_id": run_id,
-                    },
+                    meta=checkpoint_meta(cfg, info, epoch + 1, step, metrics, run_id),
                     training_state={
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),

@@ -29,7 +29,7 @@ DIGITS = CONFIGS / "test-resnet_2xb32_digits.yaml"
 CNN = ["data.eval_pipeline=[{type: Resize, size: 16}]"]
 VIT = [
     "model.backbone=test_vit",
-    "model.small_input=false",
+    "model.stem_stride=null",
     "model.backbone_kwargs={img_size: 16, patch_size: 4}",
     "data.eval_pipeline=[{type: Resize, size: 16}]",
 ]

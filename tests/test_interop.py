@@ -95,7 +95,7 @@ def test_wrong_architecture_lists_the_keys(torchvision_resnet18, capsys):
 
 def test_shape_mismatch_and_other_family(torchvision_resnet18):
     _, path = torchvision_resnet18
-    small = create_backbone(ModelConfig(backbone="resnet18", small_input=True), in_chans=3)
+    small = create_backbone(ModelConfig(backbone="resnet18", stem_stride=1), in_chans=3)
     report = load_pretrained_backbone(small, path, source="torchvision", strict=False)
     assert report.mismatched == [("conv1.weight", (64, 3, 7, 7), (64, 3, 3, 3))]
     assert len(report.loaded) == len(small.state_dict()) - 1 and "conv1.weight" not in report.loaded

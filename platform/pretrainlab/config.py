@@ -33,19 +33,37 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class InitFromConfig(_Section):
+    """Weights to start from (fine-tuning): a PretrainLab checkpoint, a logged or registered model, or a file."""
+
+    source: Literal["pretrainlab", "torchvision", "timm"] = Field(
+        "pretrainlab",
+        description="pretrainlab: a checkpoint folder, runs:/RUN_ID/PATH or models:/NAME@ALIAS (or /VERSION); "
+        "torchvision / timm: a state dict file (.pth, .bin, .safetensors) with that library's key names.",
+    )
+    path: str = Field(min_length=1, description="Folder, file or MLflow URI, as source says.")
+    strict: bool = Field(True, description="Fail, listing the keys, unless every backbone weight fits exactly.")
+
+
 class ModelConfig(_Section):
     """Backbone from timm (created headless) and the head on top of it."""
 
     backbone: str = "resnet18"
     backbone_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Extra keyword arguments for timm.create_model (e.g. img_size, patch_size)."
+        default_factory=dict,
+        description="Extra keyword arguments for timm.create_model; for ViT / Swin on small images set "
+        "img_size and patch_size here.",
     )
-    small_input: bool = Field(
-        False, description="CIFAR-style stem for ResNet-like CNNs: 3x3 stride-1 first conv, no max-pool."
+    stem_stride: int | None = Field(
+        None,
+        ge=1,
+        description="Total downsampling of a CNN's stem, for small images (e.g. 1 or 2 on 28-32 px); null keeps "
+        "the model's own (4 for ResNet / ConvNeXt, 2 for MobileNet / EfficientNet / RegNet).",
     )
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
     head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    init_from: InitFromConfig | None = None
 
 
 class ViewConfig(_Section):
@@ -94,6 +112,12 @@ class DataConfig(_Section):
         default_factory=list, description="Multi-view training batches (replaces train_pipeline when set)."
     )
     mixup: MixupConfig | None = None
+    repeated_augmentation: int = Field(
+        1,
+        ge=1,
+        description="Repeated augmentation: each training batch holds batch_size / N images, each N times with its "
+        "own augmentation; an epoch keeps its number of steps, so it sees 1/N of the images.",
+    )
     mask: MaskConfig | None = None
     augment_on: Literal["worker", "ray_data"] = Field(
         "worker", description="Decode + augment in the training worker, or in Ray Data map_batches tasks."
@@ -118,23 +142,57 @@ class DataConfig(_Section):
 
 
 class OptimConfig(_Section):
-    """Optimizer and its hyperparameters."""
+    """Optimizer (timm's optimizer factory) and its hyperparameters."""
 
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0)
+    name: Literal["sgd", "adamw", "adam", "lamb", "lars", "rmsprop"] = "sgd"
+    lr: float = Field(0.1, gt=0, description="At base_batch_size images per step when that is set.")
+    base_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Automatic lr scaling: the lr used is lr x global batch / base_batch_size, the global batch "
+        "being batch_size x num_workers x accumulate_steps. null uses lr as it is.",
+    )
     weight_decay: float = Field(5e-5, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    betas: tuple[float, float] = (0.9, 0.999)
+    decay_norm_and_bias: bool = Field(
+        False, description="Apply weight decay to norm weights, biases and other 1-D parameters too."
+    )
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Layer-wise lr decay (ViT / Swin / ConvNeXt fine-tuning): layer i of L gets lr x "
+        "layer_decay^(L - i), the head and last layer the full lr.",
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd, lars, rmsprop.")
+    nesterov: bool = Field(True, description="sgd and lars.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw, adam, lamb.")
 
 
 class ScheduleConfig(_Section):
-    """Learning-rate schedule, updated every iteration."""
+    """Learning-rate schedule, updated every iteration, after a linear warmup.
 
-    name: Literal["cosine", "constant"] = "cosine"
+    ``cosine`` decays to ``min_lr_ratio``; ``step`` multiplies by ``gamma`` at each of
+    ``milestones`` (epochs); ``onecycle`` rises along a half cosine from
+    ``warmup_start_factor`` over ``warmup_epochs`` and falls along one to ``min_lr_ratio``
+    (torch's ``OneCycleLR`` with ``anneal_strategy="cos"``).
+    """
+
+    name: Literal["cosine", "constant", "step", "onecycle"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0)
     warmup_start_factor: float = Field(0.01, gt=0, le=1)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    milestones: list[float] = Field(default_factory=list, description="step: epochs at which the lr drops.")
+    gamma: float = Field(0.1, gt=0, le=1, description="step: the factor of each drop.")
+
+    @model_validator(mode="after")
+    def _milestones_fit(self) -> ScheduleConfig:
+        if self.name == "step" and not self.milestones:
+            raise ValueError("schedule step needs milestones (epochs), e.g. [30, 60]")
+        if self.milestones != sorted(self.milestones):
+            raise ValueError(f"milestones must increase, got {self.milestones}")
+        if self.name == "onecycle" and self.warmup_epochs == 0:
+            raise ValueError("schedule onecycle rises over warmup_epochs: set it above 0")
+        return self
 
 
 class CheckpointConfig(_Section):
@@ -145,11 +203,34 @@ class CheckpointConfig(_Section):
     score_mode: Literal["max", "min"] = "max"
 
 
+class EmaConfig(_Section):
+    """An exponential moving average of the weights (timm ``ModelEmaV3``), evaluated and saved with the raw ones."""
+
+    decay: float = Field(0.9998, gt=0, lt=1)
+    warmup: bool = Field(
+        False, description="Ramp the decay up as 1 - (1 + step / warmup_gamma)^-warmup_power (timm's warmup)."
+    )
+    warmup_gamma: float = Field(1.0, gt=0)
+    warmup_power: float = Field(0.75, gt=0)
+
+
+class ClipGradConfig(_Section):
+    """Gradient clipping before every optimizer step (timm ``dispatch_clip_grad``)."""
+
+    max: float = Field(gt=0, description="The bound: global norm (norm), per-element value (value), or AGC ratio.")
+    mode: Literal["norm", "value", "agc"] = "norm"
+
+
 class TrainConfig(_Section):
-    """Epochs, batch size and the Ray Train worker group."""
+    """Epochs, batch size, the Ray Train worker group and per-step tricks."""
 
     epochs: int = Field(1, ge=1)
-    batch_size: int = Field(128, ge=1, description="Per worker; the global batch is batch_size x num_workers.")
+    batch_size: int = Field(
+        128, ge=1, description="Per worker and step; the global batch is batch_size x num_workers x accumulate_steps."
+    )
+    accumulate_steps: int = Field(1, ge=1, description="Batches whose gradients add up before each optimizer step.")
+    clip_grad: ClipGradConfig | None = None
+    ema: EmaConfig | None = None
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: int = Field(1, ge=1, description="CPUs each worker holds; torch uses as many threads.")
     use_gpu: bool | Literal["auto"] = "auto"
@@ -269,9 +350,14 @@ class ExperimentConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _mixup_pairs_images(self) -> ExperimentConfig:
+    def _batches_fit(self) -> ExperimentConfig:
         if self.data.mixup is not None and self.train.batch_size % 2:
             raise ValueError(f"data.mixup needs an even train.batch_size, got {self.train.batch_size}")
+        if self.train.batch_size % self.data.repeated_augmentation:
+            raise ValueError(
+                f"data.repeated_augmentation {self.data.repeated_augmentation} must divide "
+                f"train.batch_size {self.train.batch_size}"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def create_backbone(cfg: ModelConfig, in_chans: int) -> nn.Module:
         )
     except TypeError as err:
         raise BackboneError(f"model.backbone_kwargs not accepted by {cfg.backbone!r}: {err}") from None
-    if cfg.small_input:
+    if cfg.stem_stride == 1:
         _use_small_input_stem(model, cfg.backbone)
     return model
 

@@ -14,8 +14,9 @@ nothing is unpickled) or a ``.safetensors`` file; a dict wrapping the state dict
 Key names:
 
 - ``torchvision``: ResNet / ResNeXt / Wide ResNet names are timm's already; ViT
-  (``conv_proj``, ``encoder.layers.encoder_layer_N``...) and ConvNeXt (``features.N``...)
-  are renamed to timm's. Other torchvision families are compared as they are.
+  (``conv_proj``, ``encoder.layers.encoder_layer_N``...), ConvNeXt (``features.N``...) and
+  MobileNetV2 (``features.N.conv``..., into timm's ``mobilenetv2_100``) are renamed to timm's.
+  Other torchvision families are compared as they are.
 - ``timm``: timm's own checkpoint filter for the model's family runs when timm has one
   (``timm.models.<family>.checkpoint_filter_fn``: it converts original-release formats and,
   for ViTs, resamples position embeddings and patch embeddings to the model's sizes).
@@ -58,7 +59,7 @@ class InteropError(ValueError):
 
 @dataclass
 class LoadReport:
-    """What :func:`load_pretrained_backbone` did with each key of the file."""
+    """What :func:`load_pretrained_backbone` (or :func:`load_into_backbone`) did with each key of the file."""
 
     path: Path
     source: str
@@ -138,13 +139,15 @@ def _is_state_dict(data: Mapping) -> bool:
 
 
 def torchvision_family(keys: set[str]) -> str:
-    """``resnet``, ``vit``, ``convnext`` or ``unknown``, from a torchvision state dict's key names."""
+    """``resnet``, ``vit``, ``convnext``, ``mobilenet_v2`` or ``unknown``, from a torchvision state dict's key names."""
     if "conv1.weight" in keys and any(k.startswith("layer1.0.") for k in keys):
         return "resnet"
     if "conv_proj.weight" in keys and "encoder.pos_embedding" in keys:
         return "vit"
     if "features.0.0.weight" in keys and any(re.match(r"features\.1\.0\.block\.0\.", k) for k in keys):
         return "convnext"
+    if "features.0.0.weight" in keys and "features.1.conv.0.0.weight" in keys:
+        return "mobilenet_v2"
     return "unknown"
 
 
@@ -193,6 +196,44 @@ def _torchvision_convnext_key(key: str, value: torch.Tensor) -> tuple[str, torch
     return key, value
 
 
+_MOBILENET_V2_STAGE_DEPTHS = (1, 2, 3, 4, 3, 3, 1)
+_MOBILENET_V2_BLOCKS = [
+    f"blocks.{stage}.{index}" for stage, depth in enumerate(_MOBILENET_V2_STAGE_DEPTHS) for index in range(depth)
+]
+_MOBILENET_V2_LAYERS = {
+    "features.0.0.": "conv_stem.",
+    "features.0.1.": "bn1.",
+    f"features.{len(_MOBILENET_V2_BLOCKS) + 1}.0.": "conv_head.",
+    f"features.{len(_MOBILENET_V2_BLOCKS) + 1}.1.": "bn2.",
+    "classifier.1.": "classifier.",
+}
+_MOBILENET_V2_FIRST_BLOCK = {"conv.0.0.": "conv_dw.", "conv.0.1.": "bn1.", "conv.1.": "conv_pw.", "conv.2.": "bn2."}
+_MOBILENET_V2_BLOCK = {
+    "conv.0.0.": "conv_pw.",
+    "conv.0.1.": "bn1.",
+    "conv.1.0.": "conv_dw.",
+    "conv.1.1.": "bn2.",
+    "conv.2.": "conv_pwl.",
+    "conv.3.": "bn3.",
+}
+
+
+def _torchvision_mobilenet_v2_key(key: str) -> str:
+    """``features.0`` / ``features.18`` are the stem and head convs, ``features.1-17`` the inverted residuals."""
+    for old, new in _MOBILENET_V2_LAYERS.items():
+        if key.startswith(old):
+            return new + key.removeprefix(old)
+    match = re.match(r"^features\.(\d+)\.(.+)$", key)
+    if not match or not 1 <= int(match[1]) <= len(_MOBILENET_V2_BLOCKS):
+        return key
+    index, rest = int(match[1]), match[2]
+    parts = _MOBILENET_V2_FIRST_BLOCK if index == 1 else _MOBILENET_V2_BLOCK
+    for old, new in parts.items():
+        if rest.startswith(old):
+            return f"{_MOBILENET_V2_BLOCKS[index - 1]}.{new}{rest.removeprefix(old)}"
+    return key
+
+
 def from_torchvision(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
     """``(family, state dict with timm's names)`` for a torchvision state dict."""
     family = torchvision_family(set(state_dict))
@@ -200,6 +241,8 @@ def from_torchvision(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[
         return family, {_rename(k, _TV_VIT): v for k, v in state_dict.items()}
     if family == "convnext":
         return family, dict(_torchvision_convnext_key(k, v) for k, v in state_dict.items())
+    if family == "mobilenet_v2":
+        return family, {_torchvision_mobilenet_v2_key(k): v for k, v in state_dict.items()}
     return family, dict(state_dict)  # ResNet family: the names are timm's; anything else is compared as is
 
 
@@ -280,7 +323,9 @@ def load_pretrained_backbone(
         family, state_dict = from_torchvision(state_dict)
         report = LoadReport(path, source, f"torchvision {family}")
         if family == "unknown":
-            report.notes.append("not a torchvision ResNet, ViT or ConvNeXt state dict: key names compared as they are")
+            report.notes.append(
+                "not a torchvision ResNet, ViT, ConvNeXt or MobileNetV2 state dict: key names compared as they are"
+            )
         state_dict = _timm_filter(state_dict, backbone_module, report) if family != "resnet" else state_dict
     else:
         report = LoadReport(path, source, f"timm {_timm_family(backbone_module)}")
@@ -290,7 +335,18 @@ def load_pretrained_backbone(
     prefixes = _head_prefixes(backbone_module)
     report.dropped_head = sorted(k for k in state_dict if _is_head_key(k, set(own), prefixes))
     state_dict = {k: v for k, v in state_dict.items() if k not in set(report.dropped_head)}
+    return load_into_backbone(backbone_module, state_dict, report, strict)
 
+
+def load_into_backbone(
+    backbone_module: nn.Module, state_dict: dict[str, torch.Tensor], report: LoadReport, strict: bool
+) -> LoadReport:
+    """Load a state dict with the backbone's own key names: adapt the input convolution to the model's
+    channels, fill ``report`` with the keys loaded, missing, unexpected and of another shape, then load
+    (``strict``: all or nothing, raising :class:`InteropError`; else the tensors that fit).
+    """
+    own = backbone_module.state_dict()
+    state_dict = dict(state_dict)
     first = _first_conv_key(backbone_module)
     if first in state_dict and first in own:
         theirs, mine = state_dict[first], own[first]
@@ -309,7 +365,7 @@ def load_pretrained_backbone(
     report.loaded = sorted(fitting)
     if strict and not report.complete:
         raise InteropError(
-            f"{path} does not fit {type(backbone_module).__name__} exactly (strict=True loads nothing):\n"
+            f"{report.path} does not fit {type(backbone_module).__name__} exactly (strict=True loads nothing):\n"
             + report.summary(limit=None),
             report,
         )

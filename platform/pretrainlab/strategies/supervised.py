@@ -9,6 +9,8 @@ from torch import nn
 from pretrainlab.config import ExperimentConfig
 from pretrainlab.models.backbones import create_backbone, feature_dim
 from pretrainlab.models.heads import LinearClsHead
+from pretrainlab.models.init import initialize_backbone
+from pretrainlab.models.interop import LoadReport
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -23,7 +25,12 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smooth
 
 
 class ImageClassifier(nn.Module):
-    """Backbone + head; ``forward(batch)`` returns logits and, when labels are given, the loss."""
+    """Backbone + head; ``forward(batch)`` returns logits and, when labels are given, the loss.
+
+    ``init_report`` says which pretrained weights the backbone started from (``model.init_from``), else ``None``.
+    """
+
+    init_report: LoadReport | None = None
 
     def __init__(self, backbone: nn.Module, head: nn.Module, label_smoothing: float = 0.0) -> None:
         super().__init__()
@@ -39,8 +46,19 @@ class ImageClassifier(nn.Module):
         return out
 
 
-def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int) -> ImageClassifier:
-    """The classifier described by ``cfg.model`` for ``num_classes`` classes."""
+def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_init_from: bool = True) -> ImageClassifier:
+    """The classifier described by ``cfg.model`` for ``num_classes`` classes.
+
+    The backbone starts from ``cfg.model.init_from``'s weights when set (and ``load_init_from``; pass
+    ``False`` when a checkpoint of this model is loaded next), the head from scratch.
+
+    Raises:
+        InteropError: ``model.init_from`` cannot be read or does not fit the backbone.
+    """
     backbone = create_backbone(cfg.model, in_chans)
+    init_from = cfg.model.init_from if load_init_from else None
+    init_report = initialize_backbone(backbone, init_from, cfg.runtime.tracking_uri) if init_from else None
     head = LinearClsHead(feature_dim(backbone), num_classes, cfg.model.head_dropout)
-    return ImageClassifier(backbone, head, cfg.model.label_smoothing)
+    model = ImageClassifier(backbone, head, cfg.model.label_smoothing)
+    model.init_report = init_report
+    return model

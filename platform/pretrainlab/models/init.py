@@ -1,0 +1,79 @@
+"""Start a backbone from pretrained weights (``model.init_from``): fine-tuning.
+
+    model:
+      backbone: mobilenetv2_100
+      init_from: {source: torchvision, path: weights/mobilenet_v2-b0353104.pth}
+
+``source: pretrainlab`` takes the ``backbone.*`` weights of a PretrainLab checkpoint: a folder,
+``runs:/RUN_ID/checkpoint``, ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; the head is never
+loaded, since fine-tuning usually changes the classes. ``torchvision`` / ``timm`` read a state dict
+file with :func:`pretrainlab.models.interop.load_pretrained_backbone`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pretrainlab.config import InitFromConfig
+from pretrainlab.models.interop import InteropError, LoadReport, load_into_backbone, load_pretrained_backbone
+from pretrainlab.train.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+
+CONFIG_KEY = "model.init_from.path"
+BACKBONE_PREFIX = "backbone."
+
+
+def initialize_backbone(backbone: nn.Module, init_from: InitFromConfig, tracking_uri: str | None = None) -> LoadReport:
+    """Load the weights ``init_from`` names into ``backbone``, in place, and report what each key did.
+
+    Args:
+        backbone: A headless timm backbone, e.g. ``ImageClassifier.backbone``.
+        init_from: The ``model.init_from`` section.
+        tracking_uri: MLflow store for ``runs:/`` / ``models:/`` paths (default: ``$MLFLOW_TRACKING_URI``,
+            else the project's).
+
+    Raises:
+        InteropError: The path is missing or unreadable, is not a checkpoint, or (``strict``) its weights
+            do not fit the backbone; the message starts with ``model.init_from.path`` and lists the keys.
+    """
+    try:
+        if init_from.source == "pretrainlab":
+            return _load_pretrainlab_backbone(backbone, init_from, tracking_uri)
+        return load_pretrained_backbone(backbone, init_from.path, init_from.source, init_from.strict)
+    except (InteropError, CheckpointError) as err:
+        raise InteropError(f"{CONFIG_KEY}: {err}", getattr(err, "report", None)) from None
+
+
+def _load_pretrainlab_backbone(backbone: nn.Module, init_from: InitFromConfig, tracking_uri: str | None) -> LoadReport:
+    """The ``backbone.*`` weights of a PretrainLab checkpoint, loaded into ``backbone``."""
+    from pretrainlab.inference.loading import fetch_checkpoint  # deferred: it imports the strategies, which use this
+
+    checkpoint = load_checkpoint(fetch_checkpoint(init_from.path, tracking_uri))
+    weights = _backbone_weights(checkpoint)
+    report = LoadReport(checkpoint.path, "pretrainlab", _checkpoint_backbone_name(checkpoint))
+    if Path(init_from.path) != checkpoint.path:
+        report.notes.append(f"{init_from.path} fetched to {checkpoint.path}")
+    report.dropped_head = sorted(k for k in checkpoint.weights if not k.startswith(BACKBONE_PREFIX))
+    report.notes.append(
+        "only backbone.* weights are loaded: the head starts freshly initialised, as fine-tuning usually changes "
+        f"the classes (the checkpoint was trained for {checkpoint.meta.get('num_classes', '?')} classes)"
+    )
+    return load_into_backbone(backbone, weights, report, init_from.strict)
+
+
+def _backbone_weights(checkpoint: LoadedCheckpoint) -> dict[str, torch.Tensor]:
+    """The checkpoint's ``backbone.*`` tensors under the backbone's own names."""
+    weights = {
+        k.removeprefix(BACKBONE_PREFIX): v for k, v in checkpoint.weights.items() if k.startswith(BACKBONE_PREFIX)
+    }
+    if not weights:
+        raise InteropError(f"{checkpoint.path}: the checkpoint holds no backbone.* weights")
+    return weights
+
+
+def _checkpoint_backbone_name(checkpoint: LoadedCheckpoint) -> str:
+    """``pretrainlab <backbone>``, the backbone named in the checkpoint's config."""
+    backbone = checkpoint.meta.get("config", {}).get("model", {}).get("backbone", "unknown backbone")
+    return f"pretrainlab {backbone}"

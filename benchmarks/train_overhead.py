@@ -58,7 +58,7 @@ def plain_loop(cfg: ExperimentConfig, images: np.ndarray, labels: np.ndarray, st
     torch.set_num_threads(cfg.train.cpus_per_worker * cfg.train.num_workers)
     torch.manual_seed(cfg.runtime.seed)
     model = get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"]).train()
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr)
     (pipeline,) = train_views(cfg.data)
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
     batch = cfg.train.batch_size * cfg.train.num_workers

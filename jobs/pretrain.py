@@ -26,9 +26,6 @@ import yaml
 
 from pretrainlab.cluster import init_ray, ray_job_tags
 from pretrainlab.config import ConfigError, load_config
-from pretrainlab.data.errors import DatasetError
-from pretrainlab.data.transforms import PipelineError
-from pretrainlab.models.backbones import BackboneError
 from pretrainlab.paths import project_home
 from pretrainlab.tracking.mlflow import (
     CHECKPOINT_ARTIFACT,
@@ -42,7 +39,7 @@ from pretrainlab.tracking.mlflow import (
     start_or_resume_run,
 )
 from pretrainlab.train.evaluate import evaluate_checkpoint
-from pretrainlab.train.trainer import build_trainer, check_experiment
+from pretrainlab.train.trainer import EXPERIMENT_ERRORS, build_trainer, check_experiment
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         tracking_uri = resolve_tracking_uri(cfg.runtime.tracking_uri)
         check_tracking(tracking_uri)
         data_folder = check_experiment(cfg)  # fail here, not inside a Ray worker
-    except (ConfigError, TrackingError, DatasetError, BackboneError, PipelineError) as err:
+    except (ConfigError, TrackingError, *EXPERIMENT_ERRORS) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     run_name = args.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"

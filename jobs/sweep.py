@@ -22,9 +22,6 @@ import yaml
 
 from pretrainlab.cluster import init_ray, ray_job_tags
 from pretrainlab.config import ConfigError, load_config
-from pretrainlab.data.errors import DatasetError
-from pretrainlab.data.transforms import PipelineError
-from pretrainlab.models.backbones import BackboneError
 from pretrainlab.sweep.report import best_outcome, log_summary, results_table
 from pretrainlab.sweep.space import check_space
 from pretrainlab.sweep.tune import SweepContext, SweepTracker, build_tuner
@@ -36,7 +33,7 @@ from pretrainlab.tracking.mlflow import (
     resolve_tracking_uri,
     start_or_resume_run,
 )
-from pretrainlab.train.trainer import check_experiment
+from pretrainlab.train.trainer import EXPERIMENT_ERRORS, check_experiment
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         tracking_uri = resolve_tracking_uri(cfg.runtime.tracking_uri)
         check_tracking(tracking_uri)
         data_folder = check_experiment(cfg)
-    except (ConfigError, TrackingError, DatasetError, BackboneError, PipelineError) as err:
+    except (ConfigError, TrackingError, *EXPERIMENT_ERRORS) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     sweep_name = args.name or f"{cfg.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"

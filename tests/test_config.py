@@ -61,7 +61,7 @@ def test_override_with_the_wrong_type_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.epochs"):
         load_config(path, ["train.epochs=many"])
     with pytest.raises(ConfigError, match=r"optim\.name"):
-        load_config(path, ["optim.name=rmsprop"])
+        load_config(path, ["optim.name=adagrad"])
 
 
 def test_unknown_key_names_the_key_and_the_valid_ones(tmp_path):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from conftest import CONFIGS
+from pretrainlab.data.catalog import dataset_info
 from pretrainlab.tracking.mlflow import RUN_NAME_TAG
 from pretrainlab.train.checkpoint import load_checkpoint
+from pretrainlab.train.loop import steps_per_epoch
 
 CONFIG = str(CONFIGS / "test-resnet_2xb32_digits.yaml")
 
@@ -85,13 +88,52 @@ def test_two_workers_two_epochs_tracked_in_mlflow(project, capsys):
     assert "no such checkpoint folder" in capsys.readouterr().err
 
 
+def test_recipe_switches_train_end_to_end(project):
+    """EMA, gradient accumulation and clipping, repeated augmentation, lr scaling and LAMB, on 2 Ray Train workers."""
+    switches = [
+        "train.ema.decay=0.9",
+        "train.accumulate_steps=2",
+        "train.clip_grad.max=5.0",
+        "data.repeated_augmentation=2",
+        "optim.name=lamb",
+        "optim.lr=0.002",
+        "optim.base_batch_size=64",
+        "train.log_every_n_steps=1",
+    ]
+    assert pretrain("--run-name", "digits-recipe", *(arg for s in switches for arg in ("--set", s))) == 0
+    client = MlflowClient()
+    run = only_run(client)
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    per_epoch = steps_per_epoch(dataset_info(str(project / "data" / "digits"))["train_count"], 32, 2, 2)
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "step")] == [per_epoch, 2 * per_epoch]
+    lrs = [m.value for m in client.get_metric_history(run.info.run_id, "train/lr")]
+    assert len(lrs) == 2 * per_epoch
+    assert max(lrs) == pytest.approx(0.002 * (32 * 2 * 2) / 64, rel=0.05)  # the warmup peak of the scaled lr
+    chosen = "ema" if metrics["ema/chosen"] == 1.0 else "raw"
+    assert metrics["val/top1"] == metrics[f"val_{chosen}/top1"]
+    assert metrics["val/top1"] == max(metrics["val_raw/top1"], metrics["val_ema/top1"])
+    assert metrics["val_raw/top1"] != metrics["val_ema/top1"] or metrics["val_raw/loss"] != metrics["val_ema/loss"]
+    assert metrics["test/top1"] > 40.0
+
+    import mlflow.artifacts
+
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="checkpoint")
+    checkpoint = load_checkpoint(local, with_training_state=True)
+    assert checkpoint.meta["weights"] in ("raw", "ema")
+    assert set(checkpoint.training_state) >= {"optimizer", "scheduler", "ema", "raw_weights", "rng"}
+    kept = checkpoint.training_state["ema" if checkpoint.meta["weights"] == "ema" else "raw_weights"]
+    assert all(torch.equal(kept[k], v) for k, v in checkpoint.weights.items())
+
+
 def test_resume_continues_the_same_mlflow_run(project, capsys):
-    assert pretrain("--run-name", "digits-resume", "--set", "train.epochs=1") == 0
+    ema = ["--set", "train.ema.decay=0.9"]
+    assert pretrain("--run-name", "digits-resume", "--set", "train.epochs=1", *ema) == 0
     client = MlflowClient()
     first = only_run(client)
     first_steps = [m.step for m in client.get_metric_history(first.info.run_id, "epoch")]
 
-    assert pretrain("--run-name", "digits-resume", "--set", "train.epochs=2") == 0
+    assert pretrain("--run-name", "digits-resume", "--set", "train.epochs=2", *ema) == 0
     out = capsys.readouterr().out
     assert "resuming run 'digits-resume'" in out
     run = only_run(client)

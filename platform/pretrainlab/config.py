@@ -115,7 +115,7 @@ class DataConfig(_Section):
     repeated_augmentation: int = Field(
         1,
         ge=1,
-        description="Repeated augmentation: each training batch holds batch_size / N images, each N times with its "
+        description="Repeated augmentation: each batch of rows to augment keeps 1/N of them, each N times with its "
         "own augmentation; an epoch keeps its number of steps, so it sees 1/N of the images.",
     )
     mask: MaskConfig | None = None

@@ -148,7 +148,7 @@ def model_builder(
         def build_config(device: torch.device | str) -> BuiltModel:
             with torch.device(device):
                 try:
-                    model = strategy.build_model(cfg, classes, chans)
+                    model = strategy.build_model(cfg, classes, chans, load_init_from=False)
                 except BackboneError as err:
                     raise ModelSpecError(str(err)) from None
             return BuiltModel(model.eval(), shape, description, lambda m, images: m({"image": images})["logits"])

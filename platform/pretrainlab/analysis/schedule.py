@@ -27,7 +27,8 @@ from torch import nn  # noqa: E402
 from pretrainlab.analysis.outputs import add_output_arguments, publish, write_csv  # noqa: E402
 from pretrainlab.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
 from pretrainlab.data.errors import DatasetError  # noqa: E402
-from pretrainlab.train.optim import build_optimizer  # noqa: E402
+from pretrainlab.train import loop  # noqa: E402
+from pretrainlab.train.optim import build_optimizer, scaled_lr  # noqa: E402
 from pretrainlab.train.schedule import build_scheduler  # noqa: E402
 
 COLUMNS = ["iteration", "epoch", "lr", "momentum", "weight_decay"]
@@ -56,20 +57,22 @@ def steps_per_epoch(cfg: ExperimentConfig, given: int | None) -> tuple[int, str]
     if "train" not in splits:
         raise ScheduleError(f"{folder}: no train split; give --steps-per-epoch N")
     count, workers, batch = splits["train"]["count"], cfg.train.num_workers, cfg.train.batch_size
-    steps = (count // workers) // batch  # as train/loop.py: full batches per worker
-    if steps == 0:
-        raise ScheduleError(f"train split has {count} rows: too few for {workers} workers x batch_size {batch}")
-    return steps, f"{count} train images / ({workers} workers x batch {batch})"
+    accumulate = cfg.train.accumulate_steps
+    try:
+        steps = loop.steps_per_epoch(count, batch, workers, accumulate)
+    except ValueError as err:
+        raise ScheduleError(str(err)) from None
+    return steps, f"{count} train images / ({workers} workers x batch {batch} x {accumulate} accumulated)"
 
 
 def trace(cfg: ExperimentConfig, per_epoch: int) -> list[dict]:
-    """One row per iteration: the lr, momentum (SGD) or beta1 (AdamW) and weight decay it trains with."""
-    model = nn.Linear(1, 1)
-    optimizer = build_optimizer(model, cfg.optim)
+    """One row per iteration: the lr, momentum or beta1, and weight decay of the groups with weight decay."""
+    model = nn.ModuleDict({"backbone": nn.Linear(1, 1)})
+    optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg, cfg.train.num_workers))
     scheduler = build_scheduler(optimizer, cfg.schedule, per_epoch, cfg.train.epochs)
     rows = []
     for step in range(per_epoch * cfg.train.epochs):
-        group = optimizer.param_groups[0]
+        group = max(optimizer.param_groups, key=lambda g: g["weight_decay"])  # a group with weight decay
         momentum = group["momentum"] if "momentum" in group else group["betas"][0]
         rows.append(
             {
@@ -89,7 +92,7 @@ def plot(cfg: ExperimentConfig, rows: list[dict], per_epoch: int, source: str) -
     """Three panels over iterations (lr, momentum / beta1, weight decay), epochs on the top axis."""
     steps = [row["iteration"] for row in rows]
     fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True, height_ratios=[2, 1, 1])
-    momentum_name = "momentum" if cfg.optim.name == "sgd" else "beta1"
+    momentum_name = "beta1" if cfg.optim.name in ("adamw", "adam", "lamb") else "momentum"
     for ax, key, label in zip(axes, COLUMNS[2:], ["lr", momentum_name, "weight decay"], strict=True):
         ax.plot(steps, [row[key] for row in rows], color="C0")
         ax.set_ylabel(label)

@@ -34,7 +34,9 @@ class Preprocessor:
 
     Output columns: ``label`` (int64, -1 when unlabelled; classification rows only) and either ``image`` (uint8
     N x C x H x W) or, with several views, ``view0``, ``view1``, ...; plus ``mask``
-    (bool N x h x w patches) when ``data.mask`` is set and ``train`` is true.
+    (bool N x h x w patches) when ``data.mask`` is set and ``train`` is true. With
+    ``data.repeated_augmentation`` R > 1, a training batch of N rows becomes N // R of them,
+    each R times in a row, each copy augmented on its own.
     """
 
     def __init__(self, cfg: DataConfig, train: bool, seed: int | None = None) -> None:
@@ -44,6 +46,8 @@ class Preprocessor:
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.train and self.cfg.repeated_augmentation > 1:
+            batch = repeat_rows(batch, self.cfg.repeated_augmentation, self.rng)
         images = torch.from_numpy(decode_images(batch))
         out: dict[str, np.ndarray] = {}
         if "label" in batch:  # classification rows; image-text rows carry their text columns instead
@@ -60,6 +64,14 @@ class Preprocessor:
             _, _, height, width = views[0].shape
             out["mask"] = make_masks(self.cfg.mask, len(images), height, width, self.rng)
         return out
+
+
+def repeat_rows(batch: dict[str, np.ndarray], repeats: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``len(batch) // repeats`` rows drawn without replacement, each repeated ``repeats`` times in a row."""
+    count = len(next(iter(batch.values())))
+    chosen = np.sort(rng.choice(count, size=count // repeats, replace=False))
+    index = np.repeat(chosen, repeats)
+    return {key: column[index] for key, column in batch.items()}
 
 
 def batch_blocks(ds: ray.data.Dataset, cfg: ExperimentConfig) -> ray.data.Dataset:

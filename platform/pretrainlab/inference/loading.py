@@ -10,11 +10,12 @@ from typing import Any
 import mlflow.artifacts
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.utils.models import get_model_name_and_version
 from torch import nn
 
 from pretrainlab.config import ExperimentConfig
 from pretrainlab.strategies import get_strategy
-from pretrainlab.tracking.mlflow import resolve_tracking_uri
+from pretrainlab.tracking.mlflow import client_for, resolve_tracking_uri
 from pretrainlab.train.checkpoint import CheckpointError, load_checkpoint
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -47,6 +48,10 @@ def fetch_checkpoint(source: str | os.PathLike, tracking_uri: str | None = None)
         return path
     uri = resolve_tracking_uri(tracking_uri)
     try:
+        if text.startswith("models:/"):  # resolved in the store at ``uri``, not in the default registry
+            client = client_for(uri)
+            name, version = get_model_name_and_version(client, text)
+            text = client.get_model_version_download_uri(name, version)
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=text, tracking_uri=uri))
     except MlflowException as err:
         raise CheckpointError(f"{text}: cannot be fetched from the MLflow store at {uri}: {err.message}") from None
@@ -59,7 +64,8 @@ def load_model(
     folder = fetch_checkpoint(source, tracking_uri)
     ckpt = load_checkpoint(folder)
     cfg = ExperimentConfig.model_validate(ckpt.meta["config"])
-    model = get_strategy(cfg.strategy).build_model(cfg, ckpt.meta["num_classes"], ckpt.meta["in_chans"])
+    strategy = get_strategy(cfg.strategy)
+    model = strategy.build_model(cfg, ckpt.meta["num_classes"], ckpt.meta["in_chans"], load_init_from=False)
     missing, unexpected = model.load_state_dict(ckpt.weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{folder}: weights do not fit the model: missing {missing}, unexpected {unexpected}")

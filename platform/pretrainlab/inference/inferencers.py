@@ -166,7 +166,10 @@ class ImageRetrievalInferencer:
         return [{"match_score": s.tolist(), "sample_idx": i.tolist()} for s, i in zip(scores, indices, strict=True)]
 
 
-TASK_INFERENCERS: dict[str, type[_Inferencer]] = {"classification": ImageClassificationInferencer}
+TASK_INFERENCERS: dict[str, type[_Inferencer]] = {
+    "classification": ImageClassificationInferencer,
+    "embedding": FeatureExtractor,
+}
 """The inferencer that ``inference_model`` runs for each task."""
 
 

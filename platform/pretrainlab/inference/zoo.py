@@ -39,11 +39,11 @@ from pretrainlab.data.shards import MANIFEST_FILE, shard_paths
 from pretrainlab.inference.inputs import InputPreprocessor
 from pretrainlab.inference.loading import MLFLOW_SCHEMES, load_model
 from pretrainlab.paths import resolve
-from pretrainlab.strategies import get_strategy
+from pretrainlab.strategies import STRATEGIES, get_strategy
 from pretrainlab.tracking.mlflow import TrackingError, check_tracking, client_for, resolve_tracking_uri
 from pretrainlab.tracking.registry import DEFAULT_ALIAS, alias_holder, open_store
 
-STRATEGY_TASKS: dict[str, str] = {"supervised": "classification"}
+STRATEGY_TASKS: dict[str, str] = {name: module.TASK for name, module in STRATEGIES.items()}
 """The task of each strategy's models: what inferencers they get."""
 
 CONFIGS_ENV = "PRETRAINLAB_CONFIGS"

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pretrainlab.config import InitFromConfig
+from pretrainlab.config import ExperimentConfig, InitFromConfig
+from pretrainlab.models.backbones import create_backbone
 from pretrainlab.models.interop import InteropError, LoadReport, load_into_backbone, load_pretrained_backbone
 from pretrainlab.paths import resolve
 from pretrainlab.train.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
@@ -80,3 +81,19 @@ def _checkpoint_backbone_name(checkpoint: LoadedCheckpoint) -> str:
     """``pretrainlab <backbone>``, the backbone named in the checkpoint's config."""
     backbone = checkpoint.meta.get("config", {}).get("model", {}).get("backbone", "unknown backbone")
     return f"pretrainlab {backbone}"
+
+
+def build_backbone(
+    cfg: ExperimentConfig, in_chans: int, load_init_from: bool = True
+) -> tuple[nn.Module, LoadReport | None]:
+    """``cfg.model``'s headless backbone, started from ``model.init_from`` when set (and ``load_init_from``).
+
+    Pass ``load_init_from=False`` when a checkpoint of the whole model is loaded next.
+
+    Returns:
+        The backbone and the load report (None without ``init_from``).
+    """
+    backbone = create_backbone(cfg.model, in_chans)
+    init_from = cfg.model.init_from if load_init_from else None
+    report = initialize_backbone(backbone, init_from, cfg.runtime.tracking_uri) if init_from else None
+    return backbone, report

@@ -1,7 +1,17 @@
 """Training strategies, one module each, registered here by name.
 
-Each strategy module provides ``build_model(cfg, num_classes, in_chans, load_init_from=True)`` returning an
-``nn.Module`` whose ``forward(batch)`` returns a dict with at least ``"loss"``.
+Each strategy module provides:
+
+- ``build_model(cfg, num_classes, in_chans, load_init_from=True)`` returning an ``nn.Module``
+  with a ``backbone`` (the network that is kept: headless, ``N x C x H x W`` images to
+  ``N x D`` features) and a ``forward(batch)`` that returns a dict with at least ``"loss"``
+  while training; other scalar entries named ``"log/<name>"`` are logged as ``train/<name>``;
+- ``TASK``: ``"classification"`` (validated by top-1 on logits) or ``"embedding"``
+  (validated by k-nearest-neighbour top-1 of backbone features on the validation split);
+- optionally ``Params``, a :class:`pretrainlab.config.StrategyParams` model of its
+  ``strategy_params`` in the config;
+- optionally a model method ``after_step(step, total_steps)`` that the training loop calls
+  on every worker after every optimizer step (momentum encoders, teachers).
 """
 
 from types import ModuleType

@@ -7,10 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrainlab.config import ExperimentConfig
-from pretrainlab.models.backbones import create_backbone, feature_dim
+from pretrainlab.models.backbones import feature_dim
 from pretrainlab.models.heads import LinearClsHead
-from pretrainlab.models.init import initialize_backbone
+from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
+
+TASK = "classification"
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -55,9 +57,7 @@ def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_ini
     Raises:
         InteropError: ``model.init_from`` cannot be read or does not fit the backbone.
     """
-    backbone = create_backbone(cfg.model, in_chans)
-    init_from = cfg.model.init_from if load_init_from else None
-    init_report = initialize_backbone(backbone, init_from, cfg.runtime.tracking_uri) if init_from else None
+    backbone, init_report = build_backbone(cfg, in_chans, load_init_from)
     head = LinearClsHead(feature_dim(backbone), num_classes, cfg.model.head_dropout)
     model = ImageClassifier(backbone, head, cfg.model.label_smoothing)
     model.init_report = init_report

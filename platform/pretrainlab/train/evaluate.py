@@ -46,6 +46,16 @@ def all_reduce_sums(sums: torch.Tensor) -> torch.Tensor:
     return sums
 
 
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every worker's rows of ``tensor`` (any count per worker), concatenated in rank order (itself outside a
+    process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    parts: list[torch.Tensor | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, tensor.cpu())
+    return torch.cat(parts)
+
+
 def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
     """Mean loss and top-1 / top-5 accuracy in percent."""
     loss, top1, top5, count = sums.tolist()

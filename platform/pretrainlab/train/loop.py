@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ from pretrainlab.models.interop import LoadReport
 from pretrainlab.strategies import get_strategy
 from pretrainlab.tracking.mlflow import MetricLogger, client_for
 from pretrainlab.train.checkpoint import checkpoint_meta, load_checkpoint, save_checkpoint
-from pretrainlab.train.evaluate import all_reduce_sums, classification_sums, metrics_from_sums
+from pretrainlab.train.evaluate import all_reduce_sums, classification_sums, gather_rows, metrics_from_sums
+from pretrainlab.train.knn import knn_top1
 from pretrainlab.train.optim import apply_hyperparameters, build_optimizer, scaled_lr
 from pretrainlab.train.schedule import build_scheduler
 from pretrainlab.train.session import LoopSession, TrainWorkerSession
@@ -65,18 +67,42 @@ def _to_device(batch: dict[str, torch.Tensor], channels_last: bool) -> dict[str,
     return {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
 
 
-def validate(models: dict[str, nn.Module], shard: Any, cfg: ExperimentConfig, stepper: Stepper) -> dict:
-    """Loss, top-1 and top-5 of each of ``models`` on this worker's validation shard, summed over workers."""
+def _validation_batches(shard: Any, cfg: ExperimentConfig, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     prepare = Preprocessor(cfg.data, train=False)
-    sums = {name: torch.zeros(4, dtype=torch.float64) for name in models}
+    for rows in shard.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="numpy"):
+        yield to_model_inputs(prepare(rows), cfg.data, device)
+
+
+def validate(models: dict[str, nn.Module], shard: Any, cfg: ExperimentConfig, stepper: Stepper) -> dict:
+    """Validation metrics of each of ``models`` on the validation split (every worker's shard together).
+
+    Classification strategies: loss, top-1 and top-5 of the logits. Embedding strategies:
+    ``knn_top1``, leave-one-out k-nearest-neighbour top-1 (k=20) of the backbone's features
+    among all validation images.
+    """
     for model in models.values():
         model.eval()
+    if get_strategy(cfg.strategy).TASK == "classification":
+        sums = {name: torch.zeros(4, dtype=torch.float64) for name in models}
+        with torch.no_grad(), stepper.autocast:
+            for batch in _validation_batches(shard, cfg, stepper.device):
+                for name, model in models.items():
+                    sums[name] += classification_sums(model({"image": batch["image"]})["logits"], batch["label"])
+        return {name: metrics_from_sums(all_reduce_sums(total)) for name, total in sums.items()}
+    features: dict[str, list[torch.Tensor]] = {name: [] for name in models}
+    labels = []
     with torch.no_grad(), stepper.autocast:
-        for rows in shard.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="numpy"):
-            batch = to_model_inputs(prepare(rows), cfg.data, stepper.device)
+        for batch in _validation_batches(shard, cfg, stepper.device):
+            labels.append(batch["label"].cpu())
             for name, model in models.items():
-                sums[name] += classification_sums(model({"image": batch["image"]})["logits"], batch["label"])
-    return {name: metrics_from_sums(all_reduce_sums(total)) for name, total in sums.items()}
+                features[name].append(unwrap(model).backbone(batch["image"]).float().cpu())
+    all_labels = gather_rows(torch.cat(labels))
+    results = {}
+    for name, parts in features.items():
+        bank = gather_rows(torch.cat(parts))
+        top1 = knn_top1(bank, all_labels, bank, all_labels, int(all_labels.max()) + 1, k=20, exclude_self=True)
+        results[name] = {"knn_top1": top1}
+    return results
 
 
 def better_weights(results: dict[str, dict[str, float]], cfg: CheckpointConfig) -> str:
@@ -126,7 +152,8 @@ def run_loop(loop_config: dict[str, Any], session: LoopSession) -> None:
     per_epoch = steps_per_epoch(info["train_count"], cfg.train.batch_size, world, cfg.train.accumulate_steps)
     scheduler = build_scheduler(optimizer, cfg.schedule, per_epoch, cfg.train.epochs)
     ema = build_ema(model.to(device), cfg.train.ema)
-    stepper = Stepper(model, optimizer, scheduler, cfg.train, device, ema=ema, step=step)
+    total_steps = per_epoch * cfg.train.epochs
+    stepper = Stepper(model, optimizer, scheduler, cfg.train, device, ema=ema, step=step, total_steps=total_steps)
     if ckpt is not None:
         stepper.load_state_dict(ckpt.training_state)
         apply_hyperparameters(optimizer, scheduler, cfg.optim, lr)
@@ -163,6 +190,7 @@ def run_loop(loop_config: dict[str, Any], session: LoopSession) -> None:
                         "train/loss": window_loss / window_batches,
                         "train/lr": max(group["lr"] for group in optimizer.param_groups),
                         "train/throughput": window_batches * cfg.train.batch_size * world / elapsed,
+                        **stepper.logs,
                     },
                     stepper.step,
                 )

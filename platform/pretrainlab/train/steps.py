@@ -41,7 +41,8 @@ class Stepper:
     Losses are divided by the number of micro-batches per step, so the accumulated gradient
     is that of their mean. Under DDP the gradients are only all-reduced on the last
     micro-batch of a step. Before the step, gradients are unscaled (fp16 AMP) and clipped
-    (``train.clip_grad``); after it the schedule advances and the EMA follows the weights.
+    (``train.clip_grad``); after it the schedule advances, the model's ``after_step(step,
+    total_steps)`` runs when it has one, and the EMA follows the weights.
     """
 
     def __init__(
@@ -53,12 +54,14 @@ class Stepper:
         device: torch.device,
         ema: ModelEmaV3 | None = None,
         step: int = 0,
+        total_steps: int | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
         self.cfg, self.device = cfg, device
         self.autocast, self.scaler = autocast_for(device)
-        self.step = step
+        self.step, self.total_steps = step, total_steps
         self.pending = 0
+        self.logs: dict[str, float] = {}
 
     def _no_sync(self) -> contextlib.AbstractContextManager:
         last = self.pending + 1 == self.cfg.accumulate_steps
@@ -67,10 +70,15 @@ class Stepper:
         return self.model.no_sync()
 
     def micro_batch(self, batch: dict[str, torch.Tensor]) -> tuple[float, bool]:
-        """Forward and backward one micro-batch; ``(its loss, whether an optimizer step followed)``."""
+        """Forward and backward one micro-batch; ``(its loss, whether an optimizer step followed)``.
+
+        The model's other ``log/<name>`` outputs are kept in :attr:`logs` as ``train/<name>``.
+        """
         with self._no_sync():
             with self.autocast:
-                loss = self.model(batch)["loss"]
+                out = self.model(batch)
+            loss = out["loss"]
+            self.logs = {f"train/{k.removeprefix('log/')}": float(v) for k, v in out.items() if k.startswith("log/")}
             scaled = loss / self.cfg.accumulate_steps
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         self.pending += 1
@@ -93,6 +101,9 @@ class Stepper:
         self.scheduler.step()
         self.step += 1
         self.pending = 0
+        after_step = getattr(unwrap(self.model), "after_step", None)
+        if after_step is not None:  # momentum encoders, teachers: the same update on every worker
+            after_step(self.step, self.total_steps)
         if self.ema is not None:
             self.ema.update(unwrap(self.model), step=self.step)
 

@@ -31,8 +31,8 @@ from pretrainlab.models.backbones import feature_dim
 from pretrainlab.tracking.mlflow import client_for, ensure_experiment, register_checkpoint
 from pretrainlab.train.evaluate import evaluate_checkpoint, predict
 
-DIGITS = "supervised_test_resnet_digits"
-FMNIST = "supervised_resnet10t_fmnist"
+DIGITS = "test-resnet_2xb32_digits"
+FMNIST = "resnet10t_1xb128_fmnist"
 
 
 def logged_run(client: MlflowClient, tags: dict[str, str]) -> str:
@@ -105,7 +105,7 @@ def test_list_models_names_configs_and_registered_models(zoo):
     digits = pretrainlab.list_models("*DIGITS*")
     assert {DIGITS, "models:/digits-classifier", "models:/digits-scratch"} <= set(digits)
     assert FMNIST not in digits and "models:/untagged" not in digits
-    assert pretrainlab.list_models("*resnet10t*") == [FMNIST]
+    assert pretrainlab.list_models("resnet10t_*") == [FMNIST]
     classification = pretrainlab.list_models(task="classification")
     assert "models:/digits-classifier" in classification and "models:/untagged" not in classification
     with pytest.raises(ValueError, match="unknown task 'caption'; tasks: classification"):
@@ -114,14 +114,14 @@ def test_list_models_names_configs_and_registered_models(zoo):
 
 def test_configs_folder_two_configs_with_one_zoo_name(zoo, tmp_path, monkeypatch):
     for name in ("a.yaml", "b.yaml"):
-        (tmp_path / name).write_text(f"_base_: {CONFIGS / 'test-resnet_2xb32_digits.yaml'}\nname: {name[0]}\n")
+        (tmp_path / name).write_text(f"_base_: {CONFIGS / 'test-resnet_2xb32_digits.yaml'}\nname: twin\n")
     (tmp_path / "_base_").mkdir()
     (tmp_path / "_base_" / "ignored.yaml").write_text("not: a config\n")
     monkeypatch.setenv("PRETRAINLAB_CONFIGS", str(tmp_path))
-    with pytest.raises(ValueError, match=f"zoo name '{DIGITS}' is given by two configs: .*a.yaml and .*b.yaml"):
+    with pytest.raises(ValueError, match="zoo name 'twin' is given by two configs: .*a.yaml and .*b.yaml"):
         pretrainlab.list_models()
     (tmp_path / "b.yaml").unlink()
-    assert pretrainlab.list_models(pattern="supervised_*") == [DIGITS]
+    assert pretrainlab.list_models(pattern="tw*") == ["twin"]
     monkeypatch.setenv("PRETRAINLAB_CONFIGS", str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="PRETRAINLAB_CONFIGS=.*missing: no such folder"):
         pretrainlab.list_models()
@@ -178,8 +178,8 @@ def test_get_model_from_every_kind_of_source(zoo):
 
 
 def test_get_model_errors(zoo):
-    with pytest.raises(ValueError, match=f"'supervised_test_resnet_digit' is not a zoo name.*close matches: {DIGITS}"):
-        pretrainlab.get_model("supervised_test_resnet_digit")
+    with pytest.raises(ValueError, match=f"'test-resnet_2xb32_digit' is not a zoo name.*close matches: {DIGITS}"):
+        pretrainlab.get_model("test-resnet_2xb32_digit")
     with pytest.raises(ValueError, match=f"{FMNIST}: dataset 'fmnist' is not prepared in .*convert it first"):
         pretrainlab.get_model(FMNIST)
     with pytest.raises(ValueError, match=f"a checkpoint of {DIGITS}, not of {FMNIST}"):

@@ -360,11 +360,9 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _strategy_params_fit(self) -> ExperimentConfig:
-        from pretrainlab.strategies import STRATEGIES  # deferred: strategies import this module
+        from pretrainlab.strategies import get_strategy  # deferred: strategies import this module
 
-        module = STRATEGIES.get(self.strategy)
-        if module is None:
-            raise ValueError(f"strategy: unknown {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
+        module = get_strategy(self.strategy)
         params = getattr(module, "Params", None)
         if params is None:
             if self.strategy_params:
@@ -504,6 +502,8 @@ def _describe(err: dict[str, Any], root: type[BaseModel] | None = None, prefix: 
         section = _model_for(loc[:-1], root or ExperimentConfig)
         valid = ", ".join(section.model_fields) if section else "?"
         return f"{key}: unknown key; valid keys here: {valid}"
+    if not loc and err["type"] == "value_error":  # a check across sections: its message names the keys
+        return str(err["ctx"]["error"])
     return f"{key}: {err['msg']} (got {err.get('input')!r})"
 
 

@@ -5,7 +5,7 @@
     import pretrainlab
 
     pretrainlab.list_models("*digits*", task="classification")
-    model = pretrainlab.get_model("supervised_test_resnet_digits", pretrained=True)
+    model = pretrainlab.get_model("test-resnet_2xb32_digits", pretrained=True)
     pretrainlab.inference_model(model, "seven.png")[0]["pred_class"]
 """
 

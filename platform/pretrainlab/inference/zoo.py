@@ -2,9 +2,9 @@
 
 Zoo names are
 
-- ``{strategy}_{backbone}_{dataset}`` for every experiment YAML at the top of the configs
-  folder (``$PRETRAINLAB_CONFIGS``, else the project's ``configs/``), e.g.
-  ``supervised_resnet10t_fmnist``;
+- the config's ``name`` for every experiment YAML at the top of the configs folder
+  (``$PRETRAINLAB_CONFIGS``, else the project's ``configs/``), e.g. ``resnet10t_1xb128_fmnist``,
+  as MMPreTrain names its models after their configs;
 - ``models:/NAME`` for every model in the MLflow registry (``resolve_tracking_uri``).
 
 :func:`get_model` returns the strategy's ``nn.Module`` in eval mode with a :class:`ModelInfo`
@@ -43,9 +43,6 @@ from pretrainlab.strategies import STRATEGIES, get_strategy
 from pretrainlab.tracking.mlflow import TrackingError, check_tracking, client_for, resolve_tracking_uri
 from pretrainlab.tracking.registry import DEFAULT_ALIAS, alias_holder, open_store
 
-STRATEGY_TASKS: dict[str, str] = {name: module.TASK for name, module in STRATEGIES.items()}
-"""The task of each strategy's models: what inferencers they get."""
-
 CONFIGS_ENV = "PRETRAINLAB_CONFIGS"
 _BARE_MODEL_URI = re.compile(r"models:/([^/@]+)/?")
 _warned_stores: set[str] = set()
@@ -70,11 +67,8 @@ class ModelInfo:
 
 
 def task_of(strategy: str) -> str:
-    """The task of ``strategy``'s models."""
-    try:
-        return STRATEGY_TASKS[strategy]
-    except KeyError:
-        raise ValueError(f"strategy {strategy!r} has no task; known: {', '.join(STRATEGY_TASKS)}") from None
+    """The task of ``strategy``'s models (what inferencers they get): its module's ``TASK``."""
+    return get_strategy(strategy).TASK
 
 
 def model_info(model: nn.Module) -> ModelInfo:
@@ -91,8 +85,8 @@ def configs_folder() -> Path:
 
 
 def zoo_name(cfg: ExperimentConfig) -> str:
-    """``{strategy}_{backbone}_{dataset}``; a dataset given as a folder counts by its last part."""
-    return f"{cfg.strategy}_{cfg.model.backbone}_{Path(cfg.data.dataset).name}"
+    """The config's ``name`` (by convention its file name, e.g. ``resnet10t_1xb128_fmnist``)."""
+    return cfg.name
 
 
 def zoo_configs() -> dict[str, tuple[Path, ExperimentConfig]]:
@@ -160,7 +154,7 @@ def _registered_task(client: MlflowClient, model: str) -> str | None:
         strategy = client.get_run(version.run_id).data.tags.get("strategy")
     except MlflowException:  # the run was deleted
         return None
-    return STRATEGY_TASKS.get(strategy)
+    return task_of(strategy) if strategy in STRATEGIES else None
 
 
 def list_models(pattern: str | None = None, task: str | None = None) -> list[str]:
@@ -170,7 +164,7 @@ def list_models(pattern: str | None = None, task: str | None = None) -> list[str
         pattern: fnmatch-style glob, case-insensitive, e.g. ``*resnet*``.
         task: keep only models of this task (e.g. ``classification``).
     """
-    tasks = sorted(set(STRATEGY_TASKS.values()))
+    tasks = sorted({task_of(strategy) for strategy in STRATEGIES})
     if task is not None and task not in tasks:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(tasks)}")
     configs = {name: task_of(cfg.strategy) for name, (_, cfg) in zoo_configs().items()}

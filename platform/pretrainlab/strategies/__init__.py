@@ -1,4 +1,4 @@
-"""Training strategies, one module each, registered here by name.
+"""Training strategies, one module each, named after the module.
 
 Each strategy module provides:
 
@@ -14,18 +14,21 @@ Each strategy module provides:
   on every worker after every optimizer step (momentum encoders, teachers).
 """
 
+import importlib
+import pkgutil
 from types import ModuleType
 
-from pretrainlab.strategies import supervised
+SHARED_MODULES = ("common",)
+"""Modules of this package that strategies share; every other module is a strategy of its own name."""
 
-STRATEGIES: dict[str, ModuleType] = {
-    "supervised": supervised,
-}
+STRATEGIES: tuple[str, ...] = tuple(
+    sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in SHARED_MODULES and not m.ispkg)
+)
+"""Every strategy name; each is the module ``pretrainlab.strategies.<name>``, imported when first asked for."""
 
 
 def get_strategy(name: str) -> ModuleType:
     """The strategy module registered under ``name``."""
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise ValueError(f"strategy: unknown {name!r}; valid: {', '.join(STRATEGIES)}") from None
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy: unknown {name!r}; valid: {', '.join(STRATEGIES)}")
+    return importlib.import_module(f"pretrainlab.strategies.{name}")

@@ -5,6 +5,7 @@ repeated augmentation."""
 from __future__ import annotations
 
 import copy
+import random
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from pretrainlab.config import (
     validate,
 )
 from pretrainlab.data.pipeline import Preprocessor, build_mixup, repeat_rows
+from pretrainlab.data.transforms import ImagePipeline
 from pretrainlab.strategies import supervised
 from pretrainlab.train.optim import build_optimizer, parameter_groups, scaled_lr
 from pretrainlab.train.schedule import build_scheduler
@@ -216,3 +218,36 @@ def test_recipe_config_errors_name_the_key():
         validate({"name": "t", "optim": {"layer_decay": 1.5}})
     with pytest.raises(ValueError, match=r"train\.ema\.decay"):
         validate(copy.deepcopy({"name": "t", "train": {"ema": {"decay": 1.0}}}))
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        {"type": "TimmRandAugment", "config": "rand-m9-n2-mstd0.5"},
+        {"type": "TimmAutoAugment", "config": "v0"},
+        {"type": "RandAugment", "num_ops": 2, "magnitude": 9},
+        {"type": "RandomErasing", "p": 1.0, "value": 0},
+    ],
+    ids=lambda op: op["type"],
+)
+def test_policy_augmentations_change_each_image_on_its_own(op):
+    torch.manual_seed(0)
+    images = torch.from_numpy(np.random.default_rng(0).integers(30, 226, (16, 1, 28, 28), dtype=np.uint8))
+    pipeline = ImagePipeline([op])
+    for seed in range(20):  # every operation and level the policy draws works (Posterize at 0 bits included)
+        random.seed(seed)  # timm's policies draw from Python's random
+        torch.manual_seed(seed)
+        pipeline(images)
+    random.seed(0)
+    out = pipeline(images)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    changed = (out != images).flatten(1).any(dim=1)
+    assert changed.sum() >= 8, changed  # AutoAugment's sub-policies apply each op with a probability
+    changes = [(o != i) for o, i in zip(out, images, strict=True)]
+    amounts = {round((o.float() - i.float()).abs().mean().item(), 2) for o, i in zip(out, images, strict=True)}
+    assert len(amounts) > 8, amounts  # each image got its own operations and magnitudes
+    if op["type"] == "RandomErasing":  # a rectangle of zeros in every image
+        for image, change in zip(out, changes, strict=True):
+            rows, cols = change[0].any(dim=1).nonzero(), change[0].any(dim=0).nonzero()
+            box = image[0, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+            assert (box == 0).all()

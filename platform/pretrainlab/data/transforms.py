@@ -27,16 +27,28 @@ import numpy as np
 import torch
 import torchvision.transforms.v2 as v2
 from PIL import Image
-from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
+from timm.data import auto_augment
 
 from pretrainlab.config import DataConfig
+
+
+def _posterize_keeping_a_bit(image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize, with 0 bits taken as 1: Pillow 11+ refuses 0 (older Pillow made the image black)."""
+    return auto_augment.posterize(image, max(1, bits_to_keep), **kwargs)
+
+
+def _with_pillow_safe_ops(ops: Sequence[auto_augment.AugmentOp]) -> None:
+    for op in ops:
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = _posterize_keeping_a_bit
 
 
 class TimmRandAugment:
     """timm's RandAugment from a config string such as ``rand-m9-mstd0.5-inc1`` (on PIL images)."""
 
     def __init__(self, config: str = "rand-m9-mstd0.5") -> None:
-        self.op = rand_augment_transform(config, {})
+        self.op = auto_augment.rand_augment_transform(config, {})
+        _with_pillow_safe_ops(self.op.ops)
 
     def __call__(self, image: Image.Image) -> Image.Image:
         return self.op(image)
@@ -46,7 +58,9 @@ class TimmAutoAugment:
     """timm's AutoAugment policies (``original``, ``v0``, ``3a``...) from a config string such as ``v0``."""
 
     def __init__(self, config: str = "v0") -> None:
-        self.op = auto_augment_transform(config, {})
+        self.op = auto_augment.auto_augment_transform(config, {})
+        for sub_policy in self.op.policy:
+            _with_pillow_safe_ops(sub_policy)
 
     def __call__(self, image: Image.Image) -> Image.Image:
         return self.op(image)

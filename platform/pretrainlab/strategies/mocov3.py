@@ -89,7 +89,10 @@ class MoCoV3(nn.Module):
         return {"loss": loss, "log/momentum": self.momentum}
 
     def after_step(self, step: int, total_steps: int | None) -> None:
-        """Move the momentum encoder towards the online one with the cosine schedule's momentum at ``step``."""
+        """Move the momentum encoder towards the online one with the cosine schedule's momentum at ``step``.
+
+        Without ``total_steps`` the momentum stays where it is (``base_momentum`` at first).
+        """
         if total_steps is not None:
             self.momentum = cosine_momentum(step, total_steps, self.base_momentum, 1.0)
         momentum_update(self.online_encoder(), self.momentum_encoder, self.momentum)

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import CONFIGS, free_port
 from timm.layers import DropPath
 
+from conftest import CONFIGS, free_port
 from pretrainlab.config import ConfigError, load_config, validate
 from pretrainlab.data.transforms import train_views
 from pretrainlab.strategies.dino import (

@@ -216,7 +216,11 @@ def check_views(cfg: ExperimentConfig) -> int:
 
 def check_local_crops_fit(backbone: nn.Module, num_views: int) -> None:
     """Raises ``ValueError`` when a fixed-size ViT would be given the smaller local crops."""
-    if num_views > NUM_GLOBAL_VIEWS and hasattr(backbone, "patch_embed") and not backbone.dynamic_img_size:
+    if (
+        num_views > NUM_GLOBAL_VIEWS
+        and hasattr(backbone, "patch_embed")
+        and not getattr(backbone, "dynamic_img_size", False)
+    ):
         raise ValueError(
             "model.backbone_kwargs.dynamic_img_size: dino's local crops are smaller than the global ones; "
             "set it true so that the ViT takes them"

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from conftest import CONFIGS, free_port
 from pretrainlab.config import ConfigError, load_config, validate
+from pretrainlab.data.transforms import normalize, train_views
 from pretrainlab.strategies import barlowtwins, byol, get_strategy, simsiam
 from pretrainlab.strategies.common import cosine_momentum
 
@@ -21,6 +22,15 @@ TINY_PARAMS = {
     "simsiam": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 8},
     "barlowtwins": {"proj_hidden_dim": 32, "proj_dim": 16},
 }
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: these models are tiny, and the tests share 2 cores with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_config(strategy: str, views: int = 2, **params):
@@ -98,6 +108,13 @@ def test_byol_after_step_moves_the_target_by_the_schedule(step, momentum):
     assert model.momentum == pytest.approx(momentum)
     for after, old, new in zip(model.target.parameters(), before, online, strict=True):
         torch.testing.assert_close(after, momentum * old + (1 - momentum) * new)
+
+
+def test_byol_without_total_steps_keeps_the_base_momentum():
+    model = byol.build_model(tiny_config("byol", base_momentum=0.9), num_classes=10, in_chans=1)
+    model.after_step(3, None)
+    assert model.momentum == pytest.approx(0.9)
+    assert model(two_view_batch())["log/momentum"] == pytest.approx(0.9)
 
 
 def test_byol_final_momentum_below_base_fails():
@@ -242,11 +259,13 @@ def test_build_model_needs_exactly_two_views(strategy, views):
 
 @pytest.mark.parametrize("strategy", SIAMESE)
 def test_fmnist_config_builds_and_runs_one_forward(strategy):
-    torch.set_num_threads(1)
     cfg = load_config(CONFIGS / f"{strategy}_resnet10t_fmnist.yaml")
     assert cfg.strategy == strategy
     assert cfg.train.checkpoint.score_metric == "val/knn_top1"
     assert sum(view.count for view in cfg.data.views) == 2
     model = get_strategy(strategy).build_model(cfg, num_classes=10, in_chans=1)
-    out = model(two_view_batch(rows=4, side=28))
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)  # Fashion-MNIST's shape
+    batch = {f"view{i}": normalize(view(images), cfg.data) for i, view in enumerate(train_views(cfg.data))}
+    assert all(v.shape == (4, 1, 28, 28) for v in batch.values())
+    out = model(batch)
     assert math.isfinite(out["loss"].item())

@@ -20,6 +20,7 @@ from pretrainlab.models.heads import MLPHead
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
 from pretrainlab.strategies.common import cosine_momentum, frozen_copy, momentum_update
+from pretrainlab.strategies.simclr import check_two_views
 
 TASK = "embedding"
 
@@ -39,13 +40,6 @@ class Params(StrategyParams):
                 f"strategy_params.final_momentum {self.final_momentum} is below base_momentum {self.base_momentum}"
             )
         return self
-
-
-def require_views(cfg: ExperimentConfig, count: int = 2) -> None:
-    """Raise ValueError naming ``data.views`` unless the config makes exactly ``count`` views per image."""
-    got = sum(view.count for view in cfg.data.views)
-    if got != count:
-        raise ValueError(f"data.views: {cfg.strategy} needs {count} views, got {got}")
 
 
 def normalized_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -100,7 +94,7 @@ def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_ini
     Raises:
         ValueError: ``data.views`` does not make 2 views per image.
     """
-    require_views(cfg)
+    check_two_views(cfg)
     params = Params.model_validate(cfg.strategy_params)
     backbone, init_report = build_backbone(cfg, in_chans, load_init_from)
     projector = MLPHead(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim)

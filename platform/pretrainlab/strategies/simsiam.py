@@ -16,7 +16,7 @@ from pretrainlab.models.backbones import feature_dim
 from pretrainlab.models.heads import MLPHead
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
-from pretrainlab.strategies.byol import require_views
+from pretrainlab.strategies.simclr import check_two_views
 
 TASK = "embedding"
 
@@ -67,7 +67,7 @@ def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_ini
     Raises:
         ValueError: ``data.views`` does not make 2 views per image.
     """
-    require_views(cfg)
+    check_two_views(cfg)
     params = Params.model_validate(cfg.strategy_params)
     backbone, init_report = build_backbone(cfg, in_chans, load_init_from)
     projector = MLPHead(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim, num_layers=3, last_bn=True)

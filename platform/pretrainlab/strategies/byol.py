@@ -81,7 +81,8 @@ class BYOL(nn.Module):
         return {"loss": byol_loss(p1, p2, z1, z2), "log/momentum": self.momentum}
 
     def after_step(self, step: int, total_steps: int | None) -> None:
-        """Move the target towards the online network with the momentum of BYOL's cosine schedule."""
+        """Move the target towards the online network with the momentum of BYOL's cosine schedule
+        (``base_momentum`` throughout when ``total_steps`` is unknown)."""
         if total_steps is not None:
             self.momentum = cosine_momentum(step, total_steps, self.base_momentum, self.final_momentum)
         momentum_update(self.backbone, self.target.backbone, self.momentum)

@@ -7,7 +7,7 @@ the configs' headers) through ``jobs/pretrain.py`` on a local Ray, one run after
 
 - ResNet-10-T (stem stride 2), 10 epochs: plain (crop + flip) vs + RandAugment, mixup /
   cutmix, label smoothing and EMA;
-- ViT 6 x 96, 4 x 4 patches, 10 epochs: the same two recipes;
+- ViT 6 x 96, 4 x 4 patches, 6 epochs: the same two recipes;
 - MobileNetV2, 3 epochs: random init vs torchvision's ImageNet weights.
 
 Every run is logged to the project's MLflow store (experiment ``fmnist-recipes``). The table

@@ -20,15 +20,23 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import yaml
+from mlflow import MlflowClient
 
+from pretrainlab.analysis import tsne
+from pretrainlab.analysis.samples import stratified_indices
 from pretrainlab.cluster import init_ray, ray_job_tags
-from pretrainlab.config import ConfigError, load_config
+from pretrainlab.config import ConfigError, ExperimentConfig, load_config
 from pretrainlab.paths import project_home
+from pretrainlab.strategies import get_strategy
 from pretrainlab.tracking.mlflow import (
     CHECKPOINT_ARTIFACT,
+    MetricLogger,
     TrackingError,
     check_tracking,
     client_for,
@@ -39,7 +47,13 @@ from pretrainlab.tracking.mlflow import (
     start_or_resume_run,
 )
 from pretrainlab.train.evaluate import evaluate_checkpoint
+from pretrainlab.train.probe import checkpoint_features, knn_accuracies
 from pretrainlab.train.trainer import EXPERIMENT_ERRORS, build_trainer, check_experiment
+
+FINAL_KNN_KS = (20, 200)
+FINAL_KNN_T = 0.07
+TSNE_SAMPLES = 2000
+TSNE_PERPLEXITY = 30.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,6 +73,32 @@ def git_commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def evaluate_embedding(
+    client: MlflowClient, run_id: str, folder: str, data_folder: str, cfg: ExperimentConfig, step: int
+) -> dict[str, float]:
+    """kNN top-1 of the checkpoint's backbone features (train split as bank, test split as queries) logged as
+    ``test/knn_top1_k<k>``, and a t-SNE picture of a class-stratified sample of test features under ``tsne/``.
+
+    Returns:
+        ``{"knn_top1_k<k>": top-1 in percent}``.
+    """
+    found = checkpoint_features(folder, ["train", "test"], data_folder, cfg.train.eval_batch_size)
+    (bank, bank_labels), (queries, labels) = found.splits["train"], found.splits["test"]
+    accuracies = knn_accuracies(bank, bank_labels, queries, labels, found.num_classes, FINAL_KNN_KS, FINAL_KNN_T)
+    metrics = {f"knn_top1_k{k}": top1 for k, top1 in accuracies.items()}
+    MetricLogger(client, run_id).log({f"test/{key}": value for key, value in metrics.items()}, step)
+    rows = stratified_indices(labels.numpy(), TSNE_SAMPLES, cfg.runtime.seed)
+    perplexity = min(TSNE_PERPLEXITY, (len(rows) - 1) / 3)
+    points = tsne.embed(queries[rows].numpy(), perplexity, cfg.runtime.seed)
+    title = f"t-SNE of {cfg.model.backbone} features ({cfg.strategy}), {cfg.data.dataset} test ({len(rows)} images)"
+    fig = tsne.plot(points, labels[rows].numpy(), found.loaded.class_names, title)
+    with tempfile.TemporaryDirectory() as tmp:
+        fig.savefig(Path(tmp) / "tsne_test.png", dpi=100, bbox_inches="tight")
+        client.log_artifacts(run_id, tmp, "tsne")
+    plt.close(fig)
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,17 +134,22 @@ def main(argv: list[str] | None = None) -> int:
     best_metrics = next(metrics for checkpoint, metrics in result.best_checkpoints if checkpoint.path == best.path)
     # the best epoch's value, so that jobs/promote.py --metric best/val/top1 ranks runs by their checkpoints
     client.log_metric(run_id, f"best/{score}", best_metrics[score])
+    step = int(result.metrics["step"])
     with best.as_directory() as folder:
-        evaluation = evaluate_checkpoint(folder, "test", data_folder, cfg.train.eval_batch_size)
-        log_evaluation(client, run_id, evaluation, step=int(result.metrics["step"]))
+        if get_strategy(cfg.strategy).TASK == "embedding":
+            test = evaluate_embedding(client, run_id, folder, data_folder, cfg, step)
+        else:
+            evaluation = evaluate_checkpoint(folder, "test", data_folder, cfg.train.eval_batch_size)
+            log_evaluation(client, run_id, evaluation, step=step)
+            test = evaluation.metrics
         client.log_artifacts(run_id, folder, CHECKPOINT_ARTIFACT)
     version = None
     if cfg.runtime.registered_model:
         version = register_checkpoint(client, run_id, cfg.runtime.registered_model)
     client.set_terminated(run_id, "FINISHED")
 
-    test = evaluation.metrics
-    print(f"\nrun {run_name!r} finished: test top-1 {test['top1']:.2f}%  top-5 {test['top5']:.2f}%")
+    summary = "  ".join(f"{key} {value:.2f}%" for key, value in test.items() if key != "loss")
+    print(f"\nrun {run_name!r} finished: test {summary}")
     print(f"  MLflow run: {run_id} (experiment {cfg.runtime.experiment!r}, store {tracking_uri})")
     print(f"  checkpoint: runs:/{run_id}/{CHECKPOINT_ARTIFACT}  (Ray Train copy: {best.path})")
     if version is not None:

@@ -1,0 +1,126 @@
+"""Linear probe of a checkpoint's frozen backbone: a linear classifier on cached features; log it to MLflow.
+
+    python jobs/linear_probe.py runs/<run-name>/checkpoint_.../checkpoint --epochs 100
+    python jobs/linear_probe.py models:/fmnist-simclr@champion --lr 0.05 --no-mlflow
+
+The backbone's features of the train, validation and ``--split`` splits are extracted once
+(evaluation preprocessing); the classifier trains on the train features (standardised with
+their mean and std) with SGD and a cosine schedule, the epoch with the best top-1 on
+``--val-split`` is kept, and its top-1 / top-5 on ``--split`` reported. Works for a
+checkpoint of any strategy: only its ``backbone`` is used.
+
+The evaluation is logged as a run of its own, nested under the training run that made the
+checkpoint (when that run is known): metrics ``linear_probe/top1``, ``linear_probe/top5``,
+and per epoch ``linear_probe/train_loss`` and ``linear_probe/val_top1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from knn_eval import ArgumentError, start_child_run
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from pretrainlab.data.errors import DatasetError
+from pretrainlab.tracking.mlflow import TrackingError, check_tracking, client_for, resolve_tracking_uri
+from pretrainlab.train.checkpoint import CheckpointError
+from pretrainlab.train.probe import ProbeHistory, checkpoint_features, evaluate_probe, train_linear_probe
+
+TRAIN_SPLIT = "train"
+MLFLOW_BATCH = 1000
+"""Most metrics MLflow takes in one log_batch call."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="checkpoint folder, models:/NAME@alias, models:/NAME/VERSION or runs:/ID/path")
+    parser.add_argument("--epochs", type=int, default=100, help="epochs over the cached features (default: 100)")
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD peak learning rate (default: 0.1)")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay (default: 0)")
+    parser.add_argument("--probe-batch-size", type=int, default=256, help="features per probe step (default: 256)")
+    parser.add_argument("--seed", type=int, default=0, help="shuffling of the probe's batches")
+    parser.add_argument("--split", default="test", help="split to report (default: test)")
+    parser.add_argument("--val-split", default="val", help="split that picks the best epoch (default: val)")
+    parser.add_argument("--data", help="prepared dataset folder (default: the one in the checkpoint's config)")
+    parser.add_argument("--batch-size", type=int, default=512, help="images per forward pass")
+    parser.add_argument("--no-mlflow", action="store_true", help="print the metrics only")
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("epochs", "probe_batch_size", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.lr <= 0 or args.weight_decay < 0:
+        raise ArgumentError(f"--lr must be positive and --weight-decay at least 0, got {args.lr}, {args.weight_decay}")
+    if args.split in (TRAIN_SPLIT, args.val_split):
+        raise ArgumentError(
+            f"--split {args.split}: the probe trains on {TRAIN_SPLIT!r} and picks its epoch on {args.val_split!r} "
+            "(--val-split); report on another split"
+        )
+    if args.val_split == TRAIN_SPLIT:
+        raise ArgumentError(f"--val-split must not be the training split {TRAIN_SPLIT!r}")
+
+
+def log_probe(client: MlflowClient, run_id: str, metrics: dict[str, float], history: ProbeHistory) -> None:
+    """The probe's final metrics (step 0) and its per-epoch curves (step = epoch), in one batch."""
+    now = int(time.time() * 1000)
+    final = {f"linear_probe/{k}": v for k, v in metrics.items()} | {"linear_probe/best_epoch": history.best_epoch}
+    entries = [Metric(key, float(value), now, 0) for key, value in final.items()]
+    for epoch, (loss, top1) in enumerate(zip(history.train_loss, history.val_top1, strict=True), start=1):
+        entries.append(Metric("linear_probe/train_loss", loss, now, epoch))
+        entries.append(Metric("linear_probe/val_top1", top1, now, epoch))
+    for start in range(0, len(entries), MLFLOW_BATCH):
+        client.log_batch(run_id, metrics=entries[start : start + MLFLOW_BATCH])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tracking_uri = resolve_tracking_uri()
+    try:
+        check_args(args)
+        if not args.no_mlflow or args.source.startswith(("models:/", "runs:/")):
+            check_tracking(tracking_uri)
+        found = checkpoint_features(args.source, [TRAIN_SPLIT, args.val_split, args.split], args.data, args.batch_size)
+    except (ArgumentError, TrackingError, CheckpointError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    linear, history = train_linear_probe(
+        *found.splits[TRAIN_SPLIT],
+        *found.splits[args.val_split],
+        found.num_classes,
+        args.epochs,
+        args.lr,
+        args.weight_decay,
+        args.probe_batch_size,
+        args.seed,
+    )
+    metrics = evaluate_probe(linear, *found.splits[args.split])
+    print(
+        f"{args.source} linear probe on {args.split}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+        f"(epoch {history.best_epoch}/{args.epochs}, {args.val_split} top-1 {history.best_val_top1:.2f}%)"
+    )
+    if args.no_mlflow:
+        return 0
+
+    client = client_for(tracking_uri)
+    params = {
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "probe_batch_size": args.probe_batch_size,
+        "seed": args.seed,
+        "val_split": args.val_split,
+    }
+    run_id = start_child_run(client, found.loaded.meta, args.source, args.split, "linear_probe", params)
+    log_probe(client, run_id, metrics, history)
+    client.set_terminated(run_id, "FINISHED")
+    print(f"logged to MLflow run {run_id} (store {tracking_uri})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,7 +10,7 @@ their mean and std) with SGD and a cosine schedule, the epoch with the best top-
 checkpoint of any strategy: only its ``backbone`` is used.
 
 The evaluation is logged as a run of its own, nested under the training run that made the
-checkpoint (when that run is known): metrics ``linear_probe/top1``, ``linear_probe/top5``,
+checkpoint (when that run is known): metrics ``linear_probe/top1``, ``linear_probe/top5``, ``linear_probe/loss``,
 and per epoch ``linear_probe/train_loss`` and ``linear_probe/val_top1``.
 """
 

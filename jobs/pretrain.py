@@ -13,6 +13,11 @@ On a running cluster (`ray start --head --node-ip-address=127.0.0.1` first):
 
 Passing ``--run-name`` of an earlier run resumes it from its last checkpoint, in the same
 MLflow run.
+
+The best checkpoint is evaluated on the test split at the end: top-1 / top-5 of the logits for
+classification strategies; for self-supervised (embedding) strategies, kNN top-1 of the
+backbone's features with the train split as the bank (``test/knn_top1_k20``,
+``test/knn_top1_k200``) and a t-SNE picture of test features (``tsne/tsne_test.png``).
 """
 
 from __future__ import annotations
@@ -137,18 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     step = int(result.metrics["step"])
     with best.as_directory() as folder:
         if get_strategy(cfg.strategy).TASK == "embedding":
-            test = evaluate_embedding(client, run_id, folder, data_folder, cfg, step)
+            knn = evaluate_embedding(client, run_id, folder, data_folder, cfg, step)
+            summary = "  ".join(f"{key} {value:.2f}%" for key, value in knn.items())
         else:
             evaluation = evaluate_checkpoint(folder, "test", data_folder, cfg.train.eval_batch_size)
             log_evaluation(client, run_id, evaluation, step=step)
-            test = evaluation.metrics
+            summary = f"top-1 {evaluation.metrics['top1']:.2f}%  top-5 {evaluation.metrics['top5']:.2f}%"
         client.log_artifacts(run_id, folder, CHECKPOINT_ARTIFACT)
     version = None
     if cfg.runtime.registered_model:
         version = register_checkpoint(client, run_id, cfg.runtime.registered_model)
     client.set_terminated(run_id, "FINISHED")
 
-    summary = "  ".join(f"{key} {value:.2f}%" for key, value in test.items() if key != "loss")
     print(f"\nrun {run_name!r} finished: test {summary}")
     print(f"  MLflow run: {run_id} (experiment {cfg.runtime.experiment!r}, store {tracking_uri})")
     print(f"  checkpoint: runs:/{run_id}/{CHECKPOINT_ARTIFACT}  (Ray Train copy: {best.path})")

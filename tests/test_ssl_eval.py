@@ -57,6 +57,7 @@ def digits(tmp_path_factory):
         client = client_for(uri)
         parent = client.create_run(ensure_experiment(client, cfg.runtime.experiment)).info.run_id
         checkpoint = train_digits_checkpoint(cfg, folder, home / "checkpoint", 30, parent)
+        client.log_artifacts(parent, str(checkpoint), "checkpoint")
         yield SimpleNamespace(cfg=cfg, folder=folder, client=client, parent=parent, checkpoint=checkpoint)
 
 
@@ -152,6 +153,8 @@ def test_knn_eval_job_logs_a_child_run_of_the_training_run(digits, capsys):
     assert metrics["knn/top1_k20"] > 50.0 and metrics["knn/top1_k200"] > 50.0
     assert run.data.params["temperature"] == "0.07" and run.info.status == "FINISHED"
     assert f"top-1 k=20 {metrics['knn/top1_k20']:.2f}%" in out
+    assert knn_eval.main([f"runs:/{digits.parent}/checkpoint", "--k", "20", "--no-mlflow"]) == 0
+    assert f"top-1 k=20 {metrics['knn/top1_k20']:.2f}%" in capsys.readouterr().out
 
 
 def test_linear_probe_job_logs_metrics_and_the_val_curve(digits, capsys):

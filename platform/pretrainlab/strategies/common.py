@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
+from pretrainlab.config import ExperimentConfig
+
 
 def distributed() -> bool:
     """Whether a process group with more than one member is running."""
@@ -65,3 +67,10 @@ def momentum_update(online: nn.Module, target: nn.Module, momentum: float) -> No
     torch._foreach_lerp_(target_params, online_params, 1 - momentum)
     for target_buffer, online_buffer in zip(target.buffers(), online.buffers(), strict=True):
         target_buffer.copy_(online_buffer)
+
+
+def check_two_views(cfg: ExperimentConfig) -> None:
+    """Raise when ``data.views`` does not give exactly two views per image (SimCLR, MoCo v3, BYOL, ...)."""
+    count = sum(view.count for view in cfg.data.views)
+    if count != 2:
+        raise ValueError(f"data.views: {cfg.strategy} needs 2 views, got {count}")

@@ -19,13 +19,13 @@ from pretrainlab.models.heads import MLPHead
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
 from pretrainlab.strategies.common import (
+    check_two_views,
     cosine_momentum,
     frozen_copy,
     gather_with_grad,
     momentum_update,
     rank_and_world,
 )
-from pretrainlab.strategies.simclr import check_two_views
 
 TASK = "embedding"
 

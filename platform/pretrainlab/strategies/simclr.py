@@ -16,10 +16,9 @@ from pretrainlab.models.backbones import feature_dim
 from pretrainlab.models.heads import MLPHead
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
-from pretrainlab.strategies.common import gather_with_grad, rank_and_world
+from pretrainlab.strategies.common import check_two_views, gather_with_grad, rank_and_world
 
 TASK = "embedding"
-NUM_VIEWS = 2
 
 
 class Params(StrategyParams):
@@ -70,13 +69,6 @@ class SimCLR(nn.Module):
         loss = nt_xent(z1, z2, self.temperature)
         positive_cosine = F.cosine_similarity(z1.detach(), z2.detach()).mean()
         return {"loss": loss, "log/positive_cosine": positive_cosine}
-
-
-def check_two_views(cfg: ExperimentConfig) -> None:
-    """Raise when ``data.views`` does not give exactly two views per image."""
-    count = sum(view.count for view in cfg.data.views)
-    if count != NUM_VIEWS:
-        raise ValueError(f"data.views: {cfg.strategy} needs {NUM_VIEWS} views, got {count}")
 
 
 def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_init_from: bool = True) -> SimCLR:

@@ -16,7 +16,7 @@ from pretrainlab.models.backbones import feature_dim
 from pretrainlab.models.heads import MLPHead
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
-from pretrainlab.strategies.simclr import check_two_views
+from pretrainlab.strategies.common import check_two_views
 
 TASK = "embedding"
 

@@ -14,8 +14,8 @@ ViTs (and Swin / ConvNeXt) are fine-tuned with layer-wise learning-rate decay: s
 ``optim.layer_decay`` in CONFIG (0.65-0.75 as in BEiT / MAE; see
 configs/finetune_vit-d6w96-p4_fmnist.yaml); without it the job warns.
 
-When training ends (or fails), the MLflow run is tagged ``pretrainlab.pretrained_from`` with the
-checkpoint's training run id and ``pretrainlab.pretrained_checkpoint`` with CHECKPOINT.
+The MLflow run is tagged ``pretrainlab.pretrained_from`` with the checkpoint's training run id
+and ``pretrainlab.pretrained_checkpoint`` with CHECKPOINT.
 """
 
 from __future__ import annotations
@@ -31,10 +31,8 @@ import pretrain
 from pretrainlab.config import ConfigError, ExperimentConfig, load_config
 from pretrainlab.inference.loading import MLFLOW_SCHEMES, fetch_checkpoint
 from pretrainlab.tracking.mlflow import (
-    RUN_NAME_TAG,
     TrackingError,
     check_tracking,
-    client_for,
     resolve_tracking_uri,
 )
 from pretrainlab.train.checkpoint import CheckpointError, load_checkpoint
@@ -98,34 +96,15 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], ExperimentConfig, dict
     return argv, cfg, pretraining_tags(args.checkpoint, meta)
 
 
-def tag_run(cfg: ExperimentConfig, run_name: str, tags: dict[str, str]) -> None:
-    """Set ``tags`` on the run called ``run_name`` in the config's experiment, if it was created."""
-    client = client_for(resolve_tracking_uri(cfg.runtime.tracking_uri))
-    experiment = client.get_experiment_by_name(cfg.runtime.experiment)
-    if experiment is None:
-        return
-    escaped = run_name.replace("'", "\\'")
-    found = client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{escaped}'", max_results=1
-    )
-    for run in found:
-        for key, value in tags.items():
-            client.set_tag(run.info.run_id, key, value)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        pretrain_argv, cfg, tags = prepare(args)
+        pretrain_argv, _, tags = prepare(args)
     except (CheckpointError, ConfigError, TrackingError, FinetuneError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run_name = pretrain_argv[-1]
-    print(f"fine-tuning {args.checkpoint} with {args.config} (run {run_name!r})")
-    try:
-        return pretrain.main(pretrain_argv)
-    finally:
-        tag_run(cfg, run_name, tags)
+    print(f"fine-tuning {args.checkpoint} with {args.config} (run {pretrain_argv[-1]!r})")
+    return pretrain.main([*pretrain_argv, *(item for k, v in tags.items() for item in ("--tag", f"{k}={v}"))])
 
 
 if __name__ == "__main__":

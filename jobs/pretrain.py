@@ -66,7 +66,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("config", help="YAML experiment config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--run-name", help="Ray Train / MLflow run name; an existing name resumes that run")
+    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="an MLflow tag of the run")
     return parser.parse_args(argv)
+
+
+def parse_tags(items: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings as a dict; a string without ``=`` or with an empty key is a ConfigError."""
+    tags = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--tag {item!r}: expected KEY=VALUE")
+        tags[key.strip()] = value
+    return tags
 
 
 def git_commit() -> str:
@@ -110,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        extra_tags = parse_tags(args.tag)
         tracking_uri = resolve_tracking_uri(cfg.runtime.tracking_uri)
         check_tracking(tracking_uri)
         data_folder = check_experiment(cfg)  # fail here, not inside a Ray worker
@@ -120,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
 
     init_ray()
     client = client_for(tracking_uri)
-    tags = {"git.commit": git_commit(), "config.hash": cfg.digest(), "strategy": cfg.strategy, **ray_job_tags()}
+    tags = {
+        "git.commit": git_commit(),
+        "config.hash": cfg.digest(),
+        "strategy": cfg.strategy,
+        **ray_job_tags(),
+        **extra_tags,
+    }
     run_id, resumed = start_or_resume_run(client, cfg.runtime.experiment, run_name, tags)
     print(f"{'resuming' if resumed else 'starting'} run {run_name!r} (MLflow run {run_id} at {tracking_uri})")
     changed = log_params(client, run_id, cfg.flat())

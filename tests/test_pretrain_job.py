@@ -157,3 +157,5 @@ def test_unreachable_tracking_server_is_named(project, monkeypatch, capsys):
 def test_bad_config_is_reported_without_a_traceback(project, capsys):
     assert pretrain("--set", "optim.lrr=0.1") == 2
     assert "optim.lrr: unknown key" in capsys.readouterr().err
+    assert pretrain("--tag", "no-value") == 2
+    assert "--tag 'no-value': expected KEY=VALUE" in capsys.readouterr().err

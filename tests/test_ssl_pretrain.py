@@ -69,6 +69,7 @@ def method_config(tmp_path, method: str) -> str:
             "num_workers": 2,
             "cpus_per_worker": 1,
             "eval_batch_size": 256,
+            "log_every_n_steps": 1,
             "checkpoint": {"score_metric": "val/knn_top1"},
         },
         "runtime": {"experiment": "digits-ssl"},

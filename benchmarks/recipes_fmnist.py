@@ -8,7 +8,7 @@ Each group trains with the same model and schedule, at the number of epochs in i
 - ``resnet``: ResNet-10-T (stem stride 2), 10 epochs: plain (crop + flip) vs + RandAugment,
   mixup / cutmix, label smoothing and EMA;
 - ``vit``: ViT 6 x 96, 4 x 4 patches, 6 epochs: the same two recipes;
-- ``mobilenet``: MobileNetV2, 3 epochs: random init vs torchvision's ImageNet weights;
+- ``mobilenet``: MobileNetV2, 2 epochs: random init vs torchvision's ImageNet weights;
 - ``resnet-15e``: the plain ResNet-10-T recipe at 15 epochs.
 
 Every run is logged to the project's MLflow store (experiment ``fmnist-recipes``). The table

@@ -13,6 +13,7 @@ from pretrainlab.data.dataset import read_split
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.pipeline import augment_in_ray_data, batch_blocks
 from pretrainlab.data.transforms import PipelineError, eval_pipeline, train_views
+from pretrainlab.inference.loading import MLFLOW_SCHEMES
 from pretrainlab.models.backbones import BackboneError
 from pretrainlab.models.interop import InteropError
 from pretrainlab.paths import resolve
@@ -46,6 +47,16 @@ def check_experiment(cfg: ExperimentConfig) -> str:
     train_views(cfg.data)
     eval_pipeline(cfg.data)
     return data_folder
+
+
+def for_workers(cfg: ExperimentConfig) -> dict:
+    """``cfg`` as the workers get it: a relative ``model.init_from.path`` made absolute here, since workers
+    run in Ray's own folders."""
+    data = cfg.to_dict()
+    init_from = data["model"]["init_from"]
+    if init_from is not None and not init_from["path"].startswith(MLFLOW_SCHEMES):
+        init_from["path"] = resolve(init_from["path"])
+    return data
 
 
 def build_datasets(cfg: ExperimentConfig, data_folder: str) -> dict[str, ray.data.Dataset]:
@@ -88,7 +99,7 @@ def build_trainer(
     checkpoints = cfg.train.checkpoint
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "dataset": dataset_info(data_folder), "tracking": tracking},
+        train_loop_config={"config": for_workers(cfg), "dataset": dataset_info(data_folder), "tracking": tracking},
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),

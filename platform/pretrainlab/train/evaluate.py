@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,15 @@ def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
     return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count}
 
 
+def eval_batches(
+    images: np.ndarray, cfg: DataConfig, batch_size: int = 512, device: torch.device | str = "cpu"
+) -> Iterator[torch.Tensor]:
+    """uint8 ``N x C x H x W`` images in batches, through the evaluation pipeline, normalised, on ``device``."""
+    pipeline = eval_pipeline(cfg)
+    for start in range(0, len(images), batch_size):
+        yield normalize(pipeline(torch.from_numpy(images[start : start + batch_size])), cfg).to(device)
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -74,12 +83,9 @@ def predict(
 ) -> torch.Tensor:
     """Logits of ``model`` for uint8 ``N x C x H x W`` images through the evaluation pipeline, in one process."""
     model.eval()
-    pipeline = eval_pipeline(cfg)
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = normalize(pipeline(torch.from_numpy(images[start : start + batch_size])), cfg).to(device)
-        outputs.append(model({"image": batch})["logits"].float().cpu())
-    return torch.cat(outputs)
+    return torch.cat(
+        [model({"image": batch})["logits"].float().cpu() for batch in eval_batches(images, cfg, batch_size, device)]
+    )
 
 
 def evaluate_logits(logits: torch.Tensor, labels: Iterable[int] | torch.Tensor) -> dict[str, float]:

@@ -20,10 +20,9 @@ from torch import nn
 from pretrainlab.config import DataConfig
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.dataset import load_split_numpy
-from pretrainlab.data.transforms import eval_pipeline, normalize
 from pretrainlab.inference.loading import LoadedModel, load_model
 from pretrainlab.train.checkpoint import CheckpointError
-from pretrainlab.train.evaluate import evaluate_logits
+from pretrainlab.train.evaluate import eval_batches, evaluate_logits
 from pretrainlab.train.knn import knn_top1
 
 
@@ -37,12 +36,9 @@ def extract_features(
 ) -> torch.Tensor:
     """``N x D`` float features of uint8 ``N x C x H x W`` images through the evaluation pipeline."""
     backbone.eval()
-    pipeline = eval_pipeline(cfg)
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = normalize(pipeline(torch.from_numpy(images[start : start + batch_size])), cfg).to(device)
-        out.append(backbone(batch).float().flatten(1).cpu())
-    return torch.cat(out)
+    return torch.cat(
+        [backbone(batch).float().flatten(1).cpu() for batch in eval_batches(images, cfg, batch_size, device)]
+    )
 
 
 @dataclass

@@ -1,4 +1,7 @@
-"""Evaluate a checkpoint on a split of its dataset; log metrics and a confusion matrix to MLflow.
+"""Evaluate a checkpoint on a split of its dataset; log metrics (and a confusion matrix) to MLflow.
+
+Classification checkpoints: loss, top-1, top-5 and a confusion matrix. Image-text checkpoints:
+retrieval Recall@1/5/10 both ways and the shuffled-image baseline (``shuffled/*``).
 
     python jobs/evaluate.py models:/fmnist-classifier/1 --split test
     python jobs/evaluate.py runs/<run-name>/checkpoint_.../checkpoint --split val
@@ -17,7 +20,10 @@ import sys
 import time
 
 from pretrainlab.data.errors import DatasetError
+from pretrainlab.inference.loading import load_model
+from pretrainlab.strategies import get_strategy
 from pretrainlab.tracking.mlflow import (
+    MetricLogger,
     TrackingError,
     check_tracking,
     client_for,
@@ -27,6 +33,7 @@ from pretrainlab.tracking.mlflow import (
 )
 from pretrainlab.train.checkpoint import CheckpointError
 from pretrainlab.train.evaluate import evaluate_checkpoint
+from pretrainlab.train.image_text import evaluate_retrieval_split
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,12 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.no_mlflow or args.source.startswith(("models:/", "runs:/")):
             check_tracking(tracking_uri)
-        evaluation = evaluate_checkpoint(args.source, args.split, args.data, args.batch_size)
+        loaded = load_model(args.source)
+        if get_strategy(loaded.config.strategy).TASK == "image_text":
+            evaluation, metrics = None, evaluate_retrieval_split(loaded, args.split, args.data, args.batch_size)
+        else:
+            evaluation = evaluate_checkpoint(loaded, args.split, args.data, args.batch_size)
+            metrics = evaluation.metrics
     except (TrackingError, CheckpointError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    meta = evaluation.meta
-    print(f"{args.source} on {args.split}: " + "  ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items()))
+    meta = loaded.meta
+    print(f"{args.source} on {args.split}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if args.no_mlflow:
         return 0
 
@@ -62,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     run = client.create_run(
         experiment_id, run_name=f"evaluate-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags
     )
-    log_evaluation(client, run.info.run_id, evaluation)
+    if evaluation is not None:
+        log_evaluation(client, run.info.run_id, evaluation)
+    else:
+        MetricLogger(client, run.info.run_id).log({f"{args.split}/{k}": v for k, v in metrics.items()}, 0)
     client.set_terminated(run.info.run_id, "FINISHED")
     print(f"logged to MLflow run {run.info.run_id} (store {tracking_uri})")
     return 0

@@ -17,7 +17,10 @@ MLflow run.
 The best checkpoint is evaluated on the test split at the end: top-1 / top-5 of the logits for
 classification strategies; for self-supervised (embedding) strategies, kNN top-1 of the
 backbone's features with the train split as the bank (``test/knn_top1_k20``,
-``test/knn_top1_k200``) and a t-SNE picture of test features (``tsne/tsne_test.png``).
+``test/knn_top1_k200``) and a t-SNE picture of test features (``tsne/tsne_test.png``); for
+image-text strategies, retrieval Recall@1/5/10 both ways on the test split and on the
+compositional test split when there is one (``test/t2i_r1``, ``test_compositional/t2i_r1``, ...),
+next to the shuffled-image baseline (``test/shuffled/t2i_r1``, ...).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from pretrainlab.analysis import tsne
 from pretrainlab.analysis.samples import stratified_indices
 from pretrainlab.cluster import init_ray, ray_job_tags
 from pretrainlab.config import ConfigError, ExperimentConfig, load_config
+from pretrainlab.data.shards import load_manifest
+from pretrainlab.inference.loading import load_model
 from pretrainlab.paths import project_home
 from pretrainlab.strategies import get_strategy
 from pretrainlab.tracking.mlflow import (
@@ -52,6 +57,7 @@ from pretrainlab.tracking.mlflow import (
     start_or_resume_run,
 )
 from pretrainlab.train.evaluate import evaluate_checkpoint
+from pretrainlab.train.image_text import evaluate_retrieval_split
 from pretrainlab.train.probe import checkpoint_features, knn_accuracies
 from pretrainlab.train.trainer import EXPERIMENT_ERRORS, build_trainer, check_experiment
 
@@ -59,6 +65,7 @@ FINAL_KNN_KS = (20, 200)
 FINAL_KNN_T = 0.07
 TSNE_SAMPLES = 2000
 TSNE_PERPLEXITY = 30.0
+IMAGE_TEXT_TEST_SPLITS = ("test", "test_compositional")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -118,6 +125,25 @@ def evaluate_embedding(
     return metrics
 
 
+def evaluate_image_text(
+    client: MlflowClient, run_id: str, folder: str, data_folder: str, cfg: ExperimentConfig, step: int
+) -> dict[str, float]:
+    """Retrieval Recall@K of the checkpoint on the test split and, when the dataset has one, the
+    compositional test split, logged as ``<split>/<metric>`` (shuffled-image baseline: ``<split>/shuffled/*``).
+
+    Returns:
+        The test split's metrics.
+    """
+    loaded = load_model(folder)
+    splits = [split for split in IMAGE_TEXT_TEST_SPLITS if split in load_manifest(data_folder)["splits"]]
+    logger = MetricLogger(client, run_id)
+    results = {}
+    for split in splits:
+        results[split] = evaluate_retrieval_split(loaded, split, data_folder, cfg.train.eval_batch_size)
+        logger.log({f"{split}/{key}": value for key, value in results[split].items()}, step)
+    return results["test"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -160,9 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     client.log_metric(run_id, f"best/{score}", best_metrics[score])
     step = int(result.metrics["step"])
     with best.as_directory() as folder:
-        if get_strategy(cfg.strategy).TASK == "embedding":
+        task = get_strategy(cfg.strategy).TASK
+        if task == "embedding":
             knn = evaluate_embedding(client, run_id, folder, data_folder, cfg, step)
             summary = "  ".join(f"{key} {value:.2f}%" for key, value in knn.items())
+        elif task == "image_text":
+            recall = evaluate_image_text(client, run_id, folder, data_folder, cfg, step)
+            summary = "  ".join(f"{key} {recall[key]:.2f}%" for key in ("t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5"))
         else:
             evaluation = evaluate_checkpoint(folder, "test", data_folder, cfg.train.eval_batch_size)
             log_evaluation(client, run_id, evaluation, step=step)

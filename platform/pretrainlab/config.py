@@ -123,6 +123,9 @@ class DataConfig(_Section):
         "own augmentation; an epoch keeps its number of steps, so it sees 1/N of the images.",
     )
     mask: MaskConfig | None = None
+    context_length: int = Field(
+        48, ge=3, description="Token ids per text (CLIP BPE; start and end tokens included, longer texts cut)."
+    )
     augment_on: Literal["worker", "ray_data"] = Field(
         "worker", description="Decode + augment in the training worker, or in Ray Data map_batches tasks."
     )

@@ -4,6 +4,7 @@
 ``dataset-fashion-mnist``; ``prepare_builtin("digits", root)`` converts scikit-learn's
 8x8 digits. Both are stored raw (uint8 H x W x 1) in the classification schema, with
 splits that are disjoint, stratified by class and fixed by the seed.
+``prepare_scenes(root)`` generates the image-text scenes set (``scenes/<task>`` in configs).
 """
 
 from __future__ import annotations
@@ -102,6 +103,28 @@ BUILTIN_DATASETS: dict[str, Callable[[int, str | None], Converted]] = {
     "fmnist": convert_fashion_mnist,
     "digits": convert_digits,
 }
+
+
+SCENES = "scenes"
+SCENES_IMAGES, SCENES_IMAGE_SIZE = 10000, 96
+
+
+def prepare_scenes(root: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Generates the scenes image-text set (10,000 images of 96 px) into ``root/scenes`` unless an intact copy
+    made with ``seed`` is there; its four datasets are ``root/scenes/<task>`` (caption, vqa, grounding,
+    retrieval)."""
+    from pretrainlab.data.scenes import TASKS, write_scenes  # deferred: the generator is large
+
+    out = Path(root) / SCENES
+    wanted = {"seed": seed, "num_images": SCENES_IMAGES, "image_size": SCENES_IMAGE_SIZE}
+    try:
+        metadata = [verify_dataset(out / task)["metadata"] for task in TASKS]
+        if all(m.get(key) == value for m in metadata for key, value in wanted.items()):
+            return out
+    except DatasetError:
+        pass  # absent, stale or damaged: generate again
+    write_scenes(out, num_images=SCENES_IMAGES, image_size=SCENES_IMAGE_SIZE, seed=seed)
+    return out
 
 
 def prepare_builtin(name: str, root: str | os.PathLike, *, seed: int = 0, source_dir: str | None = None) -> Path:

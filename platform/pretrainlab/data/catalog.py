@@ -7,25 +7,36 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pretrainlab.config import ExperimentConfig
-from pretrainlab.data.builtin import BUILTIN_DATASETS, prepare_builtin
-from pretrainlab.data.shards import load_manifest, shard_paths
+from pretrainlab.data.builtin import BUILTIN_DATASETS, SCENES, prepare_builtin, prepare_scenes
+from pretrainlab.data.shards import SCHEMAS, load_manifest, shard_paths
 from pretrainlab.paths import resolve
+
+SCENES_TASKS = tuple(task for task in SCHEMAS if task != "classification")
+"""The datasets of the scenes set: one per image-text task."""
 
 
 def dataset_dir(cfg: ExperimentConfig) -> str:
-    """The prepared shard folder of ``cfg.data.dataset``, converting a built-in set on first use."""
+    """The prepared shard folder of ``cfg.data.dataset``, converting a built-in set on first use.
+
+    Built-in names: ``fmnist``, ``digits`` and ``scenes/<task>`` (``caption``, ``vqa``, ``grounding``,
+    ``retrieval``: the generated image-text set). Anything else is a folder path.
+    """
     name = cfg.data.dataset
     if name in BUILTIN_DATASETS:
         return str(prepare_builtin(name, resolve(cfg.data.root), seed=cfg.runtime.seed))
+    family, _, task = name.partition("/")
+    if family == SCENES and task in SCENES_TASKS:
+        return str(prepare_scenes(resolve(cfg.data.root), seed=cfg.runtime.seed) / task)
     return resolve(name)
 
 
 def dataset_info(folder: str) -> dict[str, Any]:
-    """Class names, input channels and training-set size of a prepared classification dataset."""
+    """Task, class names, input channels and training-set size of a prepared dataset."""
     manifest = load_manifest(folder)
     first_shard = shard_paths(folder, "train")[0]
     channels = pq.ParquetFile(first_shard).read_row_group(0, columns=["channels"]).column(0)[0].as_py()
     return {
+        "task": manifest["task"],
         "class_names": manifest["class_names"],
         "num_classes": len(manifest["class_names"]),
         "in_chans": int(channels),

@@ -18,12 +18,22 @@ from PIL import Image
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.shards import shard_paths, verify_dataset
 
-READ_COLUMNS = ["image", "image_format", "height", "width", "channels", "label"]
+IMAGE_COLUMNS = ["image", "image_format", "height", "width", "channels"]
+TASK_COLUMNS = {
+    "classification": ["label"],
+    "caption": ["captions"],
+    "retrieval": ["captions", "negatives"],
+    "vqa": ["questions"],
+    "grounding": ["refs"],
+}
+"""The annotation columns that training reads from a dataset of each task."""
+READ_COLUMNS = IMAGE_COLUMNS + TASK_COLUMNS["classification"]
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
 def read_split(dataset_dir: str | os.PathLike, split: str) -> ray.data.Dataset:
-    """Verifies one split's shards, then reads them as a Ray Dataset (``READ_COLUMNS``).
+    """Verifies one split's shards, then reads them as a Ray Dataset: the image columns and the
+    annotation columns of the dataset's task (``TASK_COLUMNS``).
 
     Connects to whatever Ray cluster is initialised (or lets Ray Data start one). On a
     multi-node cluster ``dataset_dir`` must be on storage every node sees.
@@ -35,8 +45,9 @@ def read_split(dataset_dir: str | os.PathLike, split: str) -> ray.data.Dataset:
     Raises:
         DatasetError: unknown split, or a shard missing or changed.
     """
-    verify_dataset(dataset_dir, split)
-    return ray.data.read_parquet(shard_paths(dataset_dir, split)).select_columns(READ_COLUMNS)
+    task = verify_dataset(dataset_dir, split)["task"]
+    columns = IMAGE_COLUMNS + TASK_COLUMNS[task]
+    return ray.data.read_parquet(shard_paths(dataset_dir, split)).select_columns(columns)
 
 
 def decode_images(batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -105,6 +116,25 @@ def load_split_numpy(dataset_dir: str | os.PathLike, split: str) -> tuple[np.nda
         raise DatasetError(f"{dataset_dir}: split {split!r} has {labels.null_count} unlabelled rows")
     batch = {name: table.column(name).to_numpy() for name in table.column_names}
     return np.ascontiguousarray(decode_images(batch)), batch["label"].astype(np.int64)
+
+
+def load_split_annotated(dataset_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, dict[str, list]]:
+    """Reads a whole split of any task into memory with pyarrow, without Ray.
+
+    Returns:
+        (uint8 images N x C x H x W, the task's annotation columns (``TASK_COLUMNS``) as
+        lists of N Python values), in shard order.
+
+    Raises:
+        DatasetError: unknown split, a shard missing or changed, or an undecodable image.
+    """
+    task = verify_dataset(dataset_dir, split)["task"]
+    columns = IMAGE_COLUMNS + ["source_id"]
+    table = pa.concat_tables(
+        pq.read_table(path, columns=columns + TASK_COLUMNS[task]) for path in shard_paths(dataset_dir, split)
+    )
+    images = decode_images({name: table.column(name).to_numpy() for name in columns})
+    return np.ascontiguousarray(images), {name: table.column(name).to_pylist() for name in TASK_COLUMNS[task]}
 
 
 def _decode(data: bytes, image_format: str, h: int, w: int, c: int, batch: dict[str, np.ndarray], i: int) -> np.ndarray:

@@ -19,6 +19,7 @@ from torch import nn
 
 from pretrainlab.inference.inputs import ImageInput, as_list
 from pretrainlab.inference.zoo import dataset_folder, get_model, model_info
+from pretrainlab.train.image_text import encode_texts
 
 ModelSource = nn.Module | str | os.PathLike
 
@@ -166,9 +167,52 @@ class ImageRetrievalInferencer:
         return [{"match_score": s.tolist(), "sample_idx": i.tolist()} for s, i in zip(scores, indices, strict=True)]
 
 
+class ImageTextInferencer(_Inferencer):
+    """Image-text models (CLIP): which of some texts fits each image best (zero-shot classification).
+
+    Each result holds ``scores`` (float32 array, the softmax over ``texts`` of the model's
+    logit scale x cosine similarity), ``pred_index``, ``pred_text`` and ``pred_score``. The
+    embeddings themselves come from :meth:`encode_images` and :meth:`encode_texts`
+    (L2-normalised, so their dot product is the cosine similarity).
+    """
+
+    def __init__(
+        self, model: ModelSource, pretrained: bool | str | os.PathLike = False, device: str | torch.device | None = None
+    ) -> None:
+        super().__init__(model, pretrained, device)
+        if self.info.task != "image_text":
+            raise ValueError(f"{self.info.name} is a {self.info.task} model, not an image-text model")
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    def encode_images(self, inputs: ImageInput | Sequence[ImageInput], batch_size: int = 8) -> torch.Tensor:
+        """``N x D`` image embeddings."""
+        return self._outputs(inputs, batch_size)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """``len(texts) x D`` text embeddings."""
+        if isinstance(texts, str) or not texts:
+            raise ValueError("texts must be a non-empty list of strings")
+        return encode_texts(self.model, texts, self.info.config.data.context_length, batch_size, self.device)
+
+    def __call__(
+        self, inputs: ImageInput | Sequence[ImageInput], texts: Sequence[str], batch_size: int = 8
+    ) -> list[dict[str, Any]]:
+        scale = self.model.logit_scale.exp().item()
+        logits = scale * self.encode_images(inputs, batch_size) @ self.encode_texts(texts).T
+        probabilities = logits.softmax(dim=1).numpy()
+        best = probabilities.argmax(axis=1)
+        return [
+            {"scores": row, "pred_index": int(i), "pred_text": texts[i], "pred_score": float(row[i])}
+            for row, i in zip(probabilities, best, strict=True)
+        ]
+
+
 TASK_INFERENCERS: dict[str, type[_Inferencer]] = {
     "classification": ImageClassificationInferencer,
     "embedding": FeatureExtractor,
+    "image_text": ImageTextInferencer,
 }
 """The inferencer that ``inference_model`` runs for each task."""
 

@@ -6,8 +6,11 @@ Each strategy module provides:
   with a ``backbone`` (the network that is kept: headless, ``N x C x H x W`` images to
   ``N x D`` features) and a ``forward(batch)`` that returns a dict with at least ``"loss"``
   while training; other scalar entries named ``"log/<name>"`` are logged as ``train/<name>``;
-- ``TASK``: ``"classification"`` (validated by top-1 on logits) or ``"embedding"``
-  (validated by k-nearest-neighbour top-1 of backbone features on the validation split);
+- ``TASK``: ``"classification"`` (validated by top-1 on logits), ``"embedding"``
+  (validated by k-nearest-neighbour top-1 of backbone features on the validation split) or
+  ``"image_text"`` (validated by retrieval Recall@K; the model has ``encode_image`` and
+  ``encode_text``);
+- optionally ``DATASET_TASKS``, the dataset tasks it trains on (default: classification);
 - optionally ``Params``, a :class:`pretrainlab.config.StrategyParams` model of its
   ``strategy_params`` in the config;
 - optionally a model method ``after_step(step, total_steps)`` that the training loop calls

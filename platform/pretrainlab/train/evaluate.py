@@ -17,7 +17,7 @@ from pretrainlab.config import DataConfig
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.dataset import load_split_numpy
 from pretrainlab.data.transforms import eval_pipeline, normalize
-from pretrainlab.inference.loading import load_model
+from pretrainlab.inference.loading import LoadedModel, load_model
 
 
 def classification_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -106,17 +106,20 @@ class Evaluation:
 
 
 def evaluate_checkpoint(
-    source: str | os.PathLike, split: str = "test", data_folder: str | None = None, batch_size: int = 512
+    source: str | os.PathLike | LoadedModel,
+    split: str = "test",
+    data_folder: str | None = None,
+    batch_size: int = 512,
 ) -> Evaluation:
     """Top-1/top-5/loss of a checkpoint (folder or MLflow URI) on a split of its dataset, in one process.
 
     Args:
-        source: Checkpoint folder, ``models:/...`` or ``runs:/...``.
+        source: Checkpoint folder, ``models:/...`` or ``runs:/...``, or a model loaded from one.
         split: Which split of the dataset to evaluate.
         data_folder: Prepared dataset folder; default: the dataset named in the checkpoint's config.
         batch_size: Images per forward pass.
     """
-    loaded = load_model(source)
+    loaded = source if isinstance(source, LoadedModel) else load_model(source)
     folder = data_folder or dataset_dir(loaded.config)
     images, labels = load_split_numpy(folder, split)
     logits = predict(loaded.model, images, loaded.config.data, batch_size)

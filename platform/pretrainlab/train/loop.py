@@ -33,6 +33,7 @@ from pretrainlab.strategies import get_strategy
 from pretrainlab.tracking.mlflow import MetricLogger, client_for
 from pretrainlab.train.checkpoint import checkpoint_meta, load_checkpoint, save_checkpoint
 from pretrainlab.train.evaluate import all_reduce_sums, classification_sums, gather_rows, metrics_from_sums
+from pretrainlab.train.image_text import retrieval_validation
 from pretrainlab.train.knn import knn_top1
 from pretrainlab.train.optim import apply_hyperparameters, build_optimizer, scaled_lr
 from pretrainlab.train.schedule import build_scheduler
@@ -73,16 +74,35 @@ def _validation_batches(shard: Any, cfg: ExperimentConfig, device: torch.device)
         yield to_model_inputs(prepare(rows), cfg.data, device)
 
 
+def _image_text_batches(shard: Any, cfg: ExperimentConfig, device: torch.device) -> Iterator[tuple]:
+    prepare = Preprocessor(cfg.data, train=False)
+    for rows in shard.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="numpy"):
+        images = to_model_inputs(prepare(rows), cfg.data, device)["image"]
+        negatives = rows["negatives"] if "negatives" in rows else [[]] * len(images)
+        yield images, [list(texts) for texts in rows["captions"]], [list(texts) for texts in negatives]
+
+
 def validate(models: dict[str, nn.Module], shard: Any, cfg: ExperimentConfig, stepper: Stepper) -> dict:
     """Validation metrics of each of ``models`` on the validation split (every worker's shard together).
 
     Classification strategies: loss, top-1 and top-5 of the logits. Embedding strategies:
     ``knn_top1``, leave-one-out k-nearest-neighbour top-1 (k=20) of the backbone's features
-    among all validation images.
+    among all validation images. Image-text strategies: retrieval Recall@1/5/10 both ways
+    (``i2t_r1`` ... ``t2i_r10``, ``rsum``) among all validation images and their texts.
     """
     for model in models.values():
         model.eval()
-    if get_strategy(cfg.strategy).TASK == "classification":
+    task = get_strategy(cfg.strategy).TASK
+    if task == "image_text":
+        with torch.no_grad(), stepper.autocast:
+            return retrieval_validation(
+                {name: unwrap(model) for name, model in models.items()},
+                _image_text_batches(shard, cfg, stepper.device),
+                cfg.data,
+                cfg.train.eval_batch_size,
+                stepper.device,
+            )
+    if task == "classification":
         sums = {name: torch.zeros(4, dtype=torch.float64) for name in models}
         with torch.no_grad(), stepper.autocast:
             for batch in _validation_batches(shard, cfg, stepper.device):

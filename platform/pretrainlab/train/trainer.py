@@ -43,7 +43,14 @@ def check_experiment(cfg: ExperimentConfig) -> str:
     """
     data_folder = dataset_dir(cfg)
     info = dataset_info(data_folder)
-    get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"])
+    strategy = get_strategy(cfg.strategy)
+    tasks = getattr(strategy, "DATASET_TASKS", ("classification",))
+    if info["task"] not in tasks:
+        raise DatasetError(
+            f"data.dataset: {data_folder} is a {info['task']} dataset; strategy {cfg.strategy} trains on "
+            f"{' or '.join(tasks)} datasets"
+        )
+    strategy.build_model(cfg, info["num_classes"], info["in_chans"])
     train_views(cfg.data)
     eval_pipeline(cfg.data)
     return data_folder

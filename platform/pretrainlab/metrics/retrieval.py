@@ -1,0 +1,83 @@
+"""Image-text retrieval: Recall@K in both directions, with every exact duplicate of a caption relevant.
+
+Captions of generated or crowd-sourced sets repeat ("there are three objects"); a query text
+is matched when any image among the top K has that text among its own captions, and an image
+is matched when any of its captions is among the top K texts. The text gallery is every
+distinct caption and hard-negative text of the gallery images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+RECALL_KS = (1, 5, 10)
+
+
+def text_gallery(
+    captions: Sequence[Sequence[str]], negatives: Sequence[Sequence[str]] | None = None
+) -> tuple[list[str], np.ndarray]:
+    """The distinct texts of a gallery and which image each is a caption of.
+
+    Args:
+        captions: Each image's captions.
+        negatives: Each image's hard-negative texts (distractors in the text gallery).
+
+    Returns:
+        (texts: every distinct caption, then every distinct negative that is no caption,
+        relevant: bool ``images x texts``, true where the text is one of the image's captions).
+
+    Raises:
+        ValueError: an image without captions, or ``negatives`` of another length.
+    """
+    if negatives is not None and len(negatives) != len(captions):
+        raise ValueError(f"{len(negatives)} lists of negatives for {len(captions)} images")
+    index: dict[str, int] = {}
+    for image, texts in enumerate(captions):
+        if len(texts) == 0:
+            raise ValueError(f"image {image} has no captions")
+        for text in texts:
+            index.setdefault(text, len(index))
+    for texts in negatives or ():
+        for text in texts:
+            index.setdefault(text, len(index))
+    relevant = np.zeros((len(captions), len(index)), dtype=bool)
+    for image, texts in enumerate(captions):
+        relevant[image, [index[text] for text in texts]] = True
+    return list(index), relevant
+
+
+def retrieval_recall(
+    image_embeddings: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    relevant: np.ndarray | torch.Tensor,
+    ks: Sequence[int] = RECALL_KS,
+) -> dict[str, float]:
+    """Recall@K in percent, image->text (``i2t_r<K>``) and text->image (``t2i_r<K>``), and their sum ``rsum``.
+
+    Args:
+        image_embeddings: ``I x D``; the similarity is the dot product (normalise first for cosine).
+        text_embeddings: ``T x D``.
+        relevant: bool ``I x T``. Texts relevant to no image (pure distractors) are not queries.
+        ks: The K of each Recall@K.
+    """
+    relevant = torch.as_tensor(relevant, dtype=torch.bool)
+    if relevant.shape != (len(image_embeddings), len(text_embeddings)):
+        raise ValueError(
+            f"relevant is {tuple(relevant.shape)}, not images x texts ({len(image_embeddings)}, {len(text_embeddings)})"
+        )
+    similarity = image_embeddings.float() @ text_embeddings.float().T
+    metrics = {}
+    for name, scores, hits in (("i2t", similarity, relevant), ("t2i", similarity.T, relevant.T)):
+        queries = hits.any(dim=1)
+        if not queries.any():
+            raise ValueError(f"{name}: no query has a relevant item")
+        scores, hits = scores[queries], hits[queries]
+        best_relevant = scores.masked_fill(~hits, float("-inf")).max(dim=1, keepdim=True).values
+        rank = (scores > best_relevant).sum(dim=1)  # items ranked above the best relevant one
+        for k in ks:
+            metrics[f"{name}_r{k}"] = 100.0 * (rank < k).float().mean().item()
+    metrics["rsum"] = sum(metrics.values())
+    return metrics

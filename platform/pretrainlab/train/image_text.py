@@ -1,0 +1,140 @@
+"""Image-text models on whole splits: embeddings of images and texts, retrieval Recall@K.
+
+Used by the training loop's validation (each worker embeds its shard of images and its part of
+the texts, the parts are gathered) and by the evaluation job (one process, the whole split).
+A model here has ``encode_image(images)`` and ``encode_text(token_ids)``, both returning
+L2-normalised embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pretrainlab.config import DataConfig
+from pretrainlab.data.catalog import dataset_dir
+from pretrainlab.data.dataset import load_split_annotated
+from pretrainlab.data.text import tokenize
+from pretrainlab.inference.loading import LoadedModel
+from pretrainlab.metrics.retrieval import retrieval_recall, text_gallery
+from pretrainlab.train.evaluate import eval_batches, gather_rows
+
+
+@torch.no_grad()
+def encode_texts(
+    model: nn.Module,
+    texts: Sequence[str],
+    context_length: int,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``len(texts) x D`` text embeddings, computed ``batch_size`` texts at a time, float32 on the CPU."""
+    parts = [
+        model.encode_text(torch.from_numpy(tokenize(texts[start : start + batch_size], context_length)).to(device))
+        for start in range(0, len(texts), batch_size)
+    ]
+    if not parts:
+        raise ValueError("no texts to encode")
+    return torch.cat([p.float().cpu() for p in parts])
+
+
+@torch.no_grad()
+def encode_images(
+    model: nn.Module, images: np.ndarray, cfg: DataConfig, batch_size: int = 512, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """``N x D`` image embeddings of uint8 ``N x C x H x W`` images through the evaluation pipeline."""
+    return torch.cat([model.encode_image(b).float().cpu() for b in eval_batches(images, cfg, batch_size, device)])
+
+
+def _gather_objects(items: list) -> list:
+    """Every worker's list, concatenated in rank order (``items`` itself outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return items
+    parts: list[list | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
+def _shared_text_embeddings(
+    model: nn.Module, texts: list[str], cfg: DataConfig, batch_size: int, device
+) -> torch.Tensor:
+    """Embeddings of all ``texts``: each worker embeds a contiguous part, the parts are gathered in order."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    if len(texts) < world:  # too few to share
+        return encode_texts(model, texts, cfg.context_length, batch_size, device)
+    part = np.array_split(np.arange(len(texts)), world)[rank]
+    mine = [texts[i] for i in part]
+    return gather_rows(encode_texts(model, mine, cfg.context_length, batch_size, device))
+
+
+def retrieval_validation(
+    models: dict[str, nn.Module],
+    batches: Iterable[tuple[torch.Tensor, list, list]],
+    cfg: DataConfig,
+    batch_size: int,
+    device: torch.device | str,
+) -> dict[str, dict[str, float]]:
+    """Recall@K of each of ``models`` over every worker's validation rows together.
+
+    Args:
+        models: Name -> model (unwrapped from DDP).
+        batches: This worker's (normalised images, their captions, their negatives) batches.
+        cfg: The data section (``context_length``).
+        batch_size: Texts per forward pass.
+        device: Where the models are.
+    """
+    image_parts: dict[str, list[torch.Tensor]] = {name: [] for name in models}
+    captions: list[list[str]] = []
+    negatives: list[list[str]] = []
+    for images, batch_captions, batch_negatives in batches:
+        for name, model in models.items():
+            image_parts[name].append(model.encode_image(images).float().cpu())
+        captions += batch_captions
+        negatives += batch_negatives
+    texts, relevant = text_gallery(_gather_objects(captions), _gather_objects(negatives))
+    results = {}
+    for name, model in models.items():
+        image_embeddings = gather_rows(torch.cat(image_parts[name]))
+        text_embeddings = _shared_text_embeddings(model, texts, cfg, batch_size, device)
+        results[name] = retrieval_recall(image_embeddings, text_embeddings, relevant)
+    return results
+
+
+def evaluate_retrieval(
+    model: nn.Module, images: np.ndarray, annotations: dict[str, list], cfg: DataConfig, batch_size: int = 512
+) -> dict[str, float]:
+    """Recall@K of ``model`` on one split, next to the shuffled-image baseline (``shuffled/*``).
+
+    The gallery is every image of the split and every distinct caption and hard negative of
+    them; the baseline pairs each image's embedding with another image's captions (a fixed
+    permutation), which puts Recall@K at chance.
+
+    Args:
+        model: An image-text model in eval mode.
+        images: uint8 ``N x C x H x W``.
+        annotations: The split's ``captions`` (and ``negatives``), one list per image.
+        cfg: The model's data section (evaluation pipeline, ``context_length``).
+        batch_size: Images or texts per forward pass.
+    """
+    device = next(model.parameters()).device
+    texts, relevant = text_gallery(annotations["captions"], annotations.get("negatives"))
+    image_embeddings = encode_images(model, images, cfg, batch_size, device)
+    text_embeddings = encode_texts(model, texts, cfg.context_length, batch_size, device)
+    shuffled = torch.from_numpy(np.random.default_rng(0).permutation(len(images)))
+    baseline = retrieval_recall(image_embeddings[shuffled], text_embeddings, relevant)
+    return {
+        **retrieval_recall(image_embeddings, text_embeddings, relevant),
+        **{f"shuffled/{key}": value for key, value in baseline.items()},
+    }
+
+
+def evaluate_retrieval_split(
+    loaded: LoadedModel, split: str, data_folder: str | None = None, batch_size: int = 512
+) -> dict[str, float]:
+    """:func:`evaluate_retrieval` of a loaded checkpoint on ``split`` of its dataset (or of ``data_folder``)."""
+    images, annotations = load_split_annotated(data_folder or dataset_dir(loaded.config), split)
+    return evaluate_retrieval(loaded.model, images, annotations, loaded.config.data, batch_size)

@@ -1,0 +1,239 @@
+"""CLIP: the tokenizer, retrieval Recall@K on hand-built embeddings, the contrastive loss across 2 workers, the
+model's steps and evaluation on a tiny scenes set, and the inferencer."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from open_clip.loss import ClipLoss
+
+from conftest import CONFIGS, free_port
+from pretrainlab.config import load_config, validate
+from pretrainlab.data.dataset import load_split_annotated
+from pretrainlab.data.errors import DatasetError
+from pretrainlab.data.pipeline import Preprocessor, to_model_inputs
+from pretrainlab.data.scenes import write_scenes
+from pretrainlab.data.text import detokenize, tokenize
+from pretrainlab.inference.inferencers import ImageTextInferencer
+from pretrainlab.inference.zoo import ModelInfo
+from pretrainlab.metrics.retrieval import retrieval_recall, text_gallery
+from pretrainlab.strategies import get_strategy
+from pretrainlab.train.image_text import evaluate_retrieval
+from pretrainlab.train.optim import build_optimizer
+from pretrainlab.train.trainer import check_experiment
+
+CONTEXT = 48
+TINY_CLIP = {"embed_dim": 16, "text_width": 16, "text_layers": 1, "text_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    """A 120-image scenes set at 64 px; its retrieval dataset folder."""
+    folders = write_scenes(tmp_path_factory.mktemp("scenes"), num_images=120, image_size=64, seed=3, workers=1)
+    return folders["retrieval"]
+
+
+def tiny_config(dataset: str = "scenes/retrieval", **overrides):
+    return validate(
+        {
+            "name": "clip-test",
+            "strategy": "clip",
+            "strategy_params": TINY_CLIP,
+            "model": {"backbone": "test_resnet", "stem_stride": 1},
+            "data": {"dataset": dataset, "mean": [0.65] * 3, "std": [0.15] * 3, "context_length": CONTEXT},
+            "optim": {"name": "adamw", "lr": 1e-3},
+            **overrides,
+        }
+    )
+
+
+def train_rows(folder, count: int) -> dict[str, np.ndarray]:
+    table = pq.read_table(next(folder.glob("train-*.parquet"))).slice(0, count)
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+# --- tokenizer ------------------------------------------------------------------------------------------------------
+
+
+def test_tokenize_round_trip():
+    texts = ["a large red circle left of a small blue shirt", "there are three objects"]
+    ids = tokenize(texts, CONTEXT)
+    assert ids.shape == (2, CONTEXT) and ids.dtype == np.int64
+    assert [detokenize(row, CONTEXT) for row in ids] == texts
+    assert ids[0, 0] == 49406 and ids[1, 5] == 49407 and (ids[1, 6:] == 0).all()  # start, 4 words, end, padding
+
+
+def test_tokenize_cuts_long_texts_but_keeps_the_end_token():
+    ids = tokenize(["one two three four five six seven"], 5)
+    assert ids.shape == (1, 5) and ids[0, -1] == 49407
+    assert detokenize(ids[0], 5) == "one two three"
+
+
+def test_tokenize_refuses_one_string():
+    with pytest.raises(TypeError, match="sequence of texts"):
+        tokenize("a caption", CONTEXT)
+
+
+# --- Recall@K -------------------------------------------------------------------------------------------------------
+
+
+def test_text_gallery_keeps_distinct_texts_and_relevance():
+    texts, relevant = text_gallery([["a", "b"], ["b", "c"]], [["x"], ["a"]])
+    assert texts == ["a", "b", "c", "x"]
+    assert relevant.tolist() == [[True, True, False, False], [False, True, True, False]]
+
+
+def test_recall_with_one_hot_embeddings_is_perfect():
+    embeddings = torch.eye(4)
+    metrics = retrieval_recall(embeddings, embeddings, np.eye(4, dtype=bool))
+    assert metrics["i2t_r1"] == metrics["t2i_r1"] == 100.0 and metrics["rsum"] == 600.0
+
+
+def test_recall_counts_rank_of_the_best_relevant_item():
+    # 3 images, 4 texts; text 3 is a distractor (relevant to no image, not a query)
+    images = torch.eye(3)
+    texts = torch.tensor([[0.9, 1.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    relevant = np.array([[True, False, False, False], [False, True, False, False], [False, False, True, False]])
+    m = retrieval_recall(images, texts, relevant, ks=(1, 2))
+    # i2t: image 0 scores texts (0.9, 0, 0, 1.0): its text 0 is 2nd; image 1 (1.0, 0.5, 0, 0): text 1 2nd;
+    # image 2: text 2 first -> R@1 1/3, R@2 3/3
+    assert m["i2t_r1"] == pytest.approx(100 / 3) and m["i2t_r2"] == 100.0
+    # t2i: text 0 scores images (0.9, 1.0, 0): image 0 2nd; text 1 (0, 0.5, 0): image 1 1st; text 2: 1st
+    assert m["t2i_r1"] == pytest.approx(200 / 3) and m["t2i_r2"] == 100.0
+
+
+def test_recall_treats_duplicate_captions_as_relevant_to_every_image_that_has_them():
+    texts, relevant = text_gallery([["two objects", "red"], ["two objects", "blue"]])
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text_embeddings = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # "two objects" is nearest image 1
+    m = retrieval_recall(images, text_embeddings, relevant, ks=(1,))
+    assert m["t2i_r1"] == 100.0  # image 1 also has "two objects"
+
+
+def test_recall_rejects_a_relevance_matrix_of_another_shape():
+    with pytest.raises(ValueError, match="not images x texts"):
+        retrieval_recall(torch.eye(2), torch.eye(3), np.eye(2, dtype=bool))
+
+
+# --- the loss across workers ----------------------------------------------------------------------------------------
+
+WORLD = 2
+
+
+def _features() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 8, 6, generator=generator, dtype=torch.float64).unbind(0)
+    return torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+
+
+def _loss_and_grads(images: torch.Tensor, texts: torch.Tensor, rank: int, world: int) -> dict[str, torch.Tensor]:
+    images, texts = images.clone().requires_grad_(True), texts.clone().requires_grad_(True)
+    loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(images, texts, 10.0)
+    loss.backward()
+    return {"loss": loss.detach(), "image_grad": images.grad, "text_grad": texts.grad}
+
+
+def _worker(rank: int, port: int, results: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        images, texts = (t.chunk(WORLD)[rank] for t in _features())
+        results[rank] = _loss_and_grads(images, texts, rank, WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_workers_match_one_on_the_whole_batch():
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)
+        per_worker = [results[rank] for rank in range(WORLD)]
+    single = _loss_and_grads(*_features(), rank=0, world=1)
+    torch.testing.assert_close(sum(r["loss"] for r in per_worker) / WORLD, single["loss"])
+    for name in ("image_grad", "text_grad"):  # DDP averages gradients over workers
+        torch.testing.assert_close(torch.cat([r[name] for r in per_worker]) / WORLD, single[name])
+
+
+# --- the model on scenes --------------------------------------------------------------------------------------------
+
+
+def test_preprocessor_tokenizes_one_of_each_rows_captions(scenes):
+    rows = train_rows(scenes, 16)
+    out = Preprocessor(tiny_config().data, train=True, seed=0)(rows)
+    assert out["image"].shape == (16, 3, 64, 64) and out["text"].shape == (16, CONTEXT)
+    for ids, captions in zip(out["text"], rows["captions"], strict=True):
+        assert any((ids == candidate).all() for candidate in tokenize(list(captions), CONTEXT))
+
+
+def test_two_steps_give_finite_losses_and_keep_the_logit_scale_bounded(scenes):
+    torch.manual_seed(0)
+    cfg = tiny_config(strategy_params={**TINY_CLIP, "init_temperature": 0.01, "max_logit_scale": 50.0})
+    model = get_strategy("clip").build_model(cfg, 0, 3)
+    batch = to_model_inputs(Preprocessor(cfg.data, train=True, seed=0)(train_rows(scenes, 16)), cfg.data, "cpu")
+    optimizer = build_optimizer(model, cfg.optim, 1e-2)
+    losses, scales = [], []
+    for step in range(2):
+        out = model(batch)
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.after_step(step + 1, 2)
+        losses.append(out["loss"].item())
+        scales.append(model.logit_scale.exp().item())
+    assert all(math.isfinite(loss) for loss in losses)
+    assert scales[0] == pytest.approx(50.0)  # 1 / 0.01 = 100, clamped to 50 after the first step
+    assert scales[1] <= 50.0 + 1e-4
+    assert set(out) == {"loss", "log/logit_scale", "log/positive_cosine"}
+
+
+def test_evaluation_reports_recall_both_ways_and_the_shuffled_baseline(scenes):
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = get_strategy("clip").build_model(cfg, 0, 3).eval()
+    images, annotations = load_split_annotated(scenes, "test")
+    metrics = evaluate_retrieval(model, images, annotations, cfg.data, batch_size=16)
+    assert {"i2t_r1", "t2i_r10", "rsum", "shuffled/t2i_r1", "shuffled/rsum"} <= set(metrics)
+    assert all(0.0 <= metrics[k] <= 100.0 for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"))
+
+
+def test_image_text_inferencer_scores_texts_per_image(scenes):
+    cfg = tiny_config()
+    model = get_strategy("clip").build_model(cfg, 0, 3).eval()
+    model.info = ModelInfo(
+        name="clip-test", task="image_text", class_names=[], config=cfg, in_chans=3, image_size=(64, 64), source="t"
+    )
+    images, _ = load_split_annotated(scenes, "test")
+    texts = ["a red circle", "a blue square", "there are two objects"]
+    inferencer = ImageTextInferencer(model)
+    results = inferencer(list(images[:3].transpose(0, 2, 3, 1)), texts=texts)
+    assert len(results) == 3
+    for result in results:
+        assert result["scores"].shape == (3,) and result["scores"].sum() == pytest.approx(1.0, abs=1e-5)
+        assert result["pred_text"] == texts[result["pred_index"]]
+    one_by_one = inferencer(images[0].transpose(1, 2, 0), texts=texts)
+    np.testing.assert_allclose(one_by_one[0]["scores"], results[0]["scores"], atol=1e-5)
+    with pytest.raises(ValueError, match="non-empty list"):
+        inferencer.encode_texts("a red circle")
+
+
+def test_clip_needs_an_image_text_dataset_and_supervised_a_classification_one(project, scenes):
+    with pytest.raises(DatasetError, match="is a classification dataset; strategy clip trains on retrieval or caption"):
+        check_experiment(tiny_config(dataset="digits"))
+    supervised = validate({"name": "s", "model": {"backbone": "test_resnet"}, "data": {"dataset": str(scenes)}})
+    with pytest.raises(DatasetError, match="is a retrieval dataset; strategy supervised trains on classification"):
+        check_experiment(supervised)
+
+
+def test_scenes_config_builds_and_runs_a_step_on_a_batch(scenes):
+    # the test set's 64 px images instead of the config's 96 px ones
+    cfg = load_config(CONFIGS / "clip_resnet10t_scenes.yaml", ["data.train_pipeline=[{type: RandomCrop, size: 64}]"])
+    model = get_strategy("clip").build_model(cfg, 0, 3)
+    rows = train_rows(scenes, 4)
+    batch = to_model_inputs(Preprocessor(cfg.data, train=True, seed=0)(rows), cfg.data, "cpu")
+    assert math.isfinite(model(batch)["loss"].item())

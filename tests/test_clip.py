@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 
+import evaluate as evaluate_job
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import zero_shot as zero_shot_job
 from open_clip.loss import ClipLoss
 
 from conftest import CONFIGS, free_port
@@ -24,9 +26,11 @@ from pretrainlab.inference.inferencers import ImageTextInferencer
 from pretrainlab.inference.zoo import ModelInfo
 from pretrainlab.metrics.retrieval import retrieval_recall, text_gallery
 from pretrainlab.strategies import get_strategy
+from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.train.image_text import evaluate_retrieval
 from pretrainlab.train.optim import build_optimizer
 from pretrainlab.train.trainer import check_experiment
+from pretrainlab.train.zero_shot import labelled_images
 
 CONTEXT = 48
 TINY_CLIP = {"embed_dim": 16, "text_width": 16, "text_layers": 1, "text_heads": 2}
@@ -237,3 +241,41 @@ def test_scenes_config_builds_and_runs_a_step_on_a_batch(scenes):
     rows = train_rows(scenes, 4)
     batch = to_model_inputs(Preprocessor(cfg.data, train=True, seed=0)(rows), cfg.data, "cpu")
     assert math.isfinite(model(batch)["loss"].item())
+
+
+# --- the evaluation jobs on a checkpoint ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip_checkpoint(scenes, tmp_path_factory):
+    """An untrained tiny CLIP checkpoint of the tiny scenes set."""
+    cfg = tiny_config(dataset=str(scenes))
+    torch.manual_seed(0)
+    model = get_strategy("clip").build_model(cfg, 0, 3)
+    info = {"class_names": [], "num_classes": 0, "in_chans": 3}
+    folder = tmp_path_factory.mktemp("clip") / "checkpoint"
+    return save_checkpoint(folder, model.state_dict(), checkpoint_meta(cfg, info, 1, 2, {}, None))
+
+
+def test_evaluate_job_reports_recall_of_an_image_text_checkpoint(project, clip_checkpoint, capsys):
+    assert evaluate_job.main([str(clip_checkpoint), "--split", "test", "--no-mlflow"]) == 0
+    out = capsys.readouterr().out
+    assert "t2i_r1" in out and "shuffled/t2i_r1" in out
+
+
+def test_zero_shot_job_classifies_scenes_objects_by_shape(project, scenes, clip_checkpoint, capsys):
+    grounding = scenes.parent / "grounding"
+    assert zero_shot_job.main([str(clip_checkpoint), "--data", str(grounding), "--no-mlflow"]) == 0
+    out = capsys.readouterr().out
+    assert "7 prompts like 'a square'" in out and "chance 14.29%" in out
+    data = labelled_images(grounding, "test", ["circle", "bag"])
+    assert data.class_names == ["circle", "bag"] and set(data.labels.tolist()) <= {0, 1}
+    assert all(image.ndim == 3 and image.shape[2] == 3 for image in data.images)
+
+
+def test_zero_shot_job_names_a_missing_class_and_a_wrong_dataset(project, scenes, clip_checkpoint, capsys):
+    grounding = str(scenes.parent / "grounding")
+    assert zero_shot_job.main([str(clip_checkpoint), "--data", grounding, "--classes", "hexagon", "--no-mlflow"]) == 2
+    assert "no class named 'hexagon'; classes: square, circle" in capsys.readouterr().err
+    assert zero_shot_job.main([str(clip_checkpoint), "--data", str(scenes), "--no-mlflow"]) == 2
+    assert "needs a classification or grounding dataset, not a retrieval one" in capsys.readouterr().err

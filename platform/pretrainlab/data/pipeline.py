@@ -19,7 +19,7 @@ from timm.data import Mixup
 from pretrainlab.config import DataConfig, ExperimentConfig
 from pretrainlab.data.dataset import decode_images
 from pretrainlab.data.masks import make_masks
-from pretrainlab.data.text import tokenize
+from pretrainlab.data.text import text_columns
 from pretrainlab.data.transforms import eval_pipeline, normalize, train_views
 
 UNLABELLED = -1
@@ -33,9 +33,10 @@ def view_key(index: int) -> str:
 class Preprocessor:
     """Decode and augment a numpy batch of shard rows.
 
-    Output columns: ``label`` (int64, -1 when unlabelled; classification rows only), ``text`` (int64
-    N x ``data.context_length`` token ids of one of each row's captions, drawn at random; training
-    batches of caption and retrieval rows only) and either ``image`` (uint8
+    Output columns: ``label`` (int64, -1 when unlabelled; classification rows only), the token
+    columns of image-text rows (``text``, ``negative_text``, ``sequence``, ``target_mask``: see
+    :func:`pretrainlab.data.text.text_columns`; drawn at random when ``train``, else the first
+    caption / question / object of each row) and either ``image`` (uint8
     N x C x H x W) or, with several views, ``view0``, ``view1``, ...; plus ``mask``
     (bool N x h x w patches) when ``data.mask`` is set and ``train`` is true. With
     ``data.repeated_augmentation`` R > 1, a training batch of N rows becomes N // R of them,
@@ -58,9 +59,7 @@ class Preprocessor:
             if labels.dtype == object:  # nullable column with missing labels
                 labels = np.array([UNLABELLED if v is None else v for v in labels])
             out["label"] = labels.astype(np.int64)
-        if self.train and "captions" in batch:
-            chosen = [texts[self.rng.integers(len(texts))] for texts in batch["captions"]]
-            out["text"] = tokenize(chosen, self.cfg.context_length)
+        out.update(text_columns(batch, self.cfg.context_length, self.rng if self.train else None))
         views = [pipeline(images).numpy() for pipeline in self.views]
         if len(views) == 1:
             out["image"] = views[0]

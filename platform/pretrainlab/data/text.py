@@ -9,6 +9,7 @@ the text transformer finds the position it pools.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,3 +40,116 @@ def detokenize(ids: torch.Tensor | np.ndarray | Sequence[int], context_length: i
     tok = tokenizer(context_length)
     kept = [int(i) for i in ids if int(i) not in (0, tok.sot_token_id, tok.eot_token_id)]
     return tok.decode(kept).strip()
+
+
+LOCATION_BINS = 64
+"""Location tokens of the decoders that emit boxes: one per bin of a normalised image coordinate."""
+FIRST_LOCATION_ID = VOCAB_SIZE
+"""Location token ``b`` has id ``FIRST_LOCATION_ID + b``, after the CLIP vocabulary."""
+DECODER_VOCAB_SIZE = VOCAB_SIZE + LOCATION_BINS
+"""Token ids a decoder reads and writes: the CLIP vocabulary, then the location tokens."""
+VQA_PROMPT = "question: {} answer:"
+GROUNDING_PROMPT = "{} box:"
+"""The prompts before the decoder's answer and box; captions have none."""
+
+
+def bpe_ids(texts: Sequence[str]) -> list[list[int]]:
+    """The CLIP BPE token ids of each text, without start and end tokens."""
+    tok = tokenizer(3)
+    return [tok.encode(text) for text in texts]
+
+
+def box_to_tokens(box: Sequence[float], width: float, height: float) -> list[int]:
+    """Location token ids of a pixel box ``x1, y1, x2, y2``: each coordinate over the image size, in
+    ``LOCATION_BINS`` bins (Pix2Seq). Coordinates outside the image are clipped to it."""
+    scale = (width, height, width, height)
+    bins = [min(LOCATION_BINS - 1, max(0, int(v / s * LOCATION_BINS))) for v, s in zip(box, scale, strict=True)]
+    return [FIRST_LOCATION_ID + b for b in bins]
+
+
+def tokens_to_box(ids: Sequence[int], width: float, height: float) -> list[float]:
+    """The pixel box of four location token ids: the centres of their bins.
+
+    Raises:
+        ValueError: not four location tokens.
+    """
+    bins = [int(i) - FIRST_LOCATION_ID for i in ids]
+    if len(bins) != 4 or not all(0 <= b < LOCATION_BINS for b in bins):
+        raise ValueError(
+            f"a box is 4 location tokens (ids {FIRST_LOCATION_ID}..{DECODER_VOCAB_SIZE - 1}), got {list(ids)}"
+        )
+    scale = (width, height, width, height)
+    return [(b + 0.5) / LOCATION_BINS * s for b, s in zip(bins, scale, strict=True)]
+
+
+def prompted_sequences(
+    prompts: Sequence[list[int]], targets: Sequence[list[int]], context_length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decoder sequences ``start, prompt, target, end, padding`` and where the decoder is taught.
+
+    Args:
+        prompts: Token ids of each prompt (may be empty).
+        targets: Token ids of each target (text or location tokens).
+        context_length: Sequence length; a target that does not fit is cut, its end token kept.
+
+    Returns:
+        (int64 ``N x context_length`` ids, bool ``N x context_length`` mask: true at the target's
+        tokens and its end token, the positions whose token the decoder learns to predict).
+
+    Raises:
+        ValueError: a prompt leaves no room for a target token.
+    """
+    tok = tokenizer(context_length)
+    ids = np.zeros((len(prompts), context_length), dtype=np.int64)
+    mask = np.zeros((len(prompts), context_length), dtype=bool)
+    for row, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+        room = context_length - 2 - len(prompt)
+        if room < 1:
+            raise ValueError(f"row {row}: a prompt of {len(prompt)} tokens leaves no room in {context_length}")
+        sequence = [tok.sot_token_id, *prompt, *target[:room], tok.eot_token_id]
+        ids[row, : len(sequence)] = sequence
+        mask[row, 1 + len(prompt) : len(sequence)] = True
+    return ids, mask
+
+
+def text_columns(batch: dict[str, np.ndarray], context_length: int, rng: np.random.Generator | None) -> dict:
+    """The token columns of a batch of image-text rows, by which annotations the rows carry.
+
+    - ``captions`` (caption and retrieval rows): ``text``, one caption per row; with ``negatives``
+      also ``negative_text``, the hard negative made from that caption (all zeros for a row without one).
+    - ``questions`` (VQA rows): ``sequence`` = ``question: Q answer: A`` and ``target_mask`` on ``A``,
+      one question per row with its most common answer.
+    - ``refs`` (grounding rows): ``sequence`` = ``EXPRESSION box:`` then the box's four location tokens
+      (see :func:`box_to_tokens`), and ``target_mask`` on them; one object and expression per row.
+
+    Args:
+        batch: Shard rows as numpy columns (with ``width`` and ``height`` for grounding rows).
+        context_length: Tokens per sequence.
+        rng: Draws which caption / question / object / expression; None takes the first of each.
+    """
+
+    def pick(items: Sequence) -> int:
+        return 0 if rng is None else int(rng.integers(len(items)))
+
+    out = {}
+    if "captions" in batch:
+        chosen = [pick(texts) for texts in batch["captions"]]
+        out["text"] = tokenize([texts[i] for texts, i in zip(batch["captions"], chosen, strict=True)], context_length)
+        if "negatives" in batch:
+            negatives = [negs[i] if i < len(negs) else "" for negs, i in zip(batch["negatives"], chosen, strict=True)]
+            out["negative_text"] = tokenize(negatives, context_length)
+            out["negative_text"][[not text for text in negatives]] = 0
+    if "questions" in batch:
+        questions = [qs[pick(qs)] for qs in batch["questions"]]
+        prompts = bpe_ids([VQA_PROMPT.format(q["question"]) for q in questions])
+        answers = bpe_ids([Counter(q["answers"]).most_common(1)[0][0] for q in questions])
+        out["sequence"], out["target_mask"] = prompted_sequences(prompts, answers, context_length)
+    if "refs" in batch:
+        refs = [refs[pick(refs)] for refs in batch["refs"]]
+        prompts = bpe_ids([GROUNDING_PROMPT.format(ref["expressions"][pick(ref["expressions"])]) for ref in refs])
+        boxes = [
+            box_to_tokens(ref["box"], width, height)
+            for ref, width, height in zip(refs, batch["width"], batch["height"], strict=True)
+        ]
+        out["sequence"], out["target_mask"] = prompted_sequences(prompts, boxes, context_length)
+    return out

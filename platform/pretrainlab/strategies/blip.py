@@ -1,0 +1,237 @@
+"""BLIP-style image-text model: one image encoder shared by a contrastive head, a matching head and a decoder.
+
+Image side: ``cfg.model``'s timm backbone; its feature map (CNN) or tokens (ViT) are projected to
+the decoder's width for cross-attention, its pooled features to the joint embedding space. Text
+side (open_clip blocks, CoCa layout): a causal text transformer over the CLIP vocabulary plus
+location tokens, and a multimodal decoder (causal self-attention, cross-attention to the image).
+
+Losses, by what the rows carry (see :func:`pretrainlab.data.text.text_columns`):
+
+- caption and retrieval rows: image-text contrastive (open_clip's ``ClipLoss``, global batch),
+  image-text matching (the decoder's state at the end token, a 2-way head) on the true pairs, on
+  hard negatives drawn from the batch by contrastive similarity (BLIP) and on the dataset's own
+  hard-negative captions, and language modelling of the caption (captioning);
+- VQA and grounding rows: language modelling of the answer, or of the box's four location tokens
+  (Pix2Seq: boxes as tokens of the same decoder, so one model and one loss serve every task).
+
+The decoder's output layer is the token embedding, transposed (tied weights).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from open_clip.transformer import MultimodalTransformer, TextTransformer
+from pydantic import Field
+from torch import nn
+
+from pretrainlab.config import ExperimentConfig, StrategyParams
+from pretrainlab.data.text import DECODER_VOCAB_SIZE, FIRST_LOCATION_ID, tokenizer
+from pretrainlab.models.generation import Hypothesis, beam_search
+from pretrainlab.models.init import build_backbone
+from pretrainlab.models.interop import LoadReport
+from pretrainlab.strategies.common import rank_and_world
+
+TASK = "generation"
+DATASET_TASKS = ("caption", "retrieval", "vqa", "grounding")
+
+
+class Params(StrategyParams):
+    """``strategy_params`` of the BLIP-style model."""
+
+    embed_dim: int = Field(256, ge=1, description="Width of the joint image-text embedding space.")
+    width: int = Field(256, ge=1, description="Width of the text transformer and the decoder.")
+    text_layers: int = Field(4, ge=1, description="Blocks of the text transformer.")
+    decoder_layers: int = Field(4, ge=1, description="Blocks of the multimodal decoder.")
+    heads: int = Field(4, ge=1, description="Attention heads (divides width).")
+    init_temperature: float = Field(0.07, gt=0, description="Contrastive softmax temperature at the start (learned).")
+    itc_weight: float = Field(1.0, ge=0, description="Weight of the image-text contrastive loss.")
+    itm_weight: float = Field(1.0, ge=0, description="Weight of the image-text matching loss.")
+    lm_weight: float = Field(1.0, ge=0, description="Weight of the decoder's language-modelling loss.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Of the language-modelling loss.")
+
+
+class BLIP(nn.Module):
+    """Image encoder, text transformer, multimodal decoder and matching head; ``forward`` returns the losses."""
+
+    init_report: LoadReport | None = None
+
+    def __init__(self, backbone: nn.Module, params: Params, context_length: int) -> None:
+        super().__init__()
+        if params.width % params.heads:
+            raise ValueError(f"strategy_params.width {params.width} is not a multiple of heads {params.heads}")
+        self.params = params
+        self.context_length = context_length
+        self.backbone = backbone
+        channels = backbone.num_features
+        self.image_tokens_proj = nn.Sequential(nn.Linear(channels, params.width), nn.LayerNorm(params.width))
+        self.visual_proj = nn.Linear(channels, params.embed_dim, bias=False)
+        self.text = TextTransformer(
+            context_length=context_length,
+            vocab_size=DECODER_VOCAB_SIZE,
+            width=params.width,
+            heads=params.heads,
+            layers=params.text_layers,
+            output_dim=params.embed_dim,
+            output_tokens=True,
+        )
+        self.decoder = MultimodalTransformer(
+            params.width, params.decoder_layers, params.heads, context_length, output_dim=params.width
+        )
+        nn.init.normal_(self.decoder.text_projection, std=params.width**-0.5)  # open_clip leaves it uninitialised
+        self.itm_head = nn.Linear(params.width, 2)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / params.init_temperature)))
+        tok = tokenizer(context_length)
+        self.start_id, self.end_id = tok.sot_token_id, tok.eot_token_id
+
+    # --- encoders ---------------------------------------------------------------------------------------------------
+
+    def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``N x tokens x width`` image tokens for cross-attention, ``N x channels`` pooled features)."""
+        features = self.backbone.forward_features(images)
+        tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
+        return self.image_tokens_proj(tokens), self.backbone.forward_head(features, pre_logits=True)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised ``N x embed_dim`` image embeddings (the contrastive space)."""
+        return F.normalize(self.visual_proj(self.image_features(images)[1]), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """L2-normalised ``N x embed_dim`` text embeddings (the contrastive space)."""
+        return F.normalize(self.text(tokens)[0], dim=-1)
+
+    def decode(self, image_tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's ``N x length x width`` states for token ids ``ids``, each row attending to its image."""
+        return self.decoder(image_tokens, self.text(ids)[1])
+
+    def token_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Logits over the decoder vocabulary from decoder states (the tied token embedding)."""
+        return states @ self.text.token_embedding.weight.T
+
+    # --- losses -----------------------------------------------------------------------------------------------------
+
+    def _lm_loss(self, states: torch.Tensor, ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each target token given the states one position before it."""
+        taught = target_mask[:, 1:]
+        logits = self.token_logits(states[:, :-1][taught])
+        return F.cross_entropy(logits.float(), ids[:, 1:][taught], label_smoothing=self.params.label_smoothing)
+
+    def _end_states(self, states: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return states[torch.arange(len(ids), device=ids.device), (ids == self.end_id).int().argmax(dim=1)]
+
+    def _caption_losses(self, batch: dict[str, torch.Tensor], image_tokens, pooled) -> dict[str, torch.Tensor]:
+        text = batch["text"]
+        count = len(text)
+        image_embeddings = F.normalize(self.visual_proj(pooled), dim=-1)
+        text_embeddings = F.normalize(self.text(text)[0], dim=-1)
+        rank, world = rank_and_world()
+        scale = self.logit_scale.exp()
+        itc = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(
+            image_embeddings, text_embeddings, scale
+        )
+        pair_images, pair_texts = [image_tokens], [text]
+        if count > 1:  # hard negatives from the batch, drawn by contrastive similarity (the true pair excluded)
+            with torch.no_grad():
+                similarity = (image_embeddings @ text_embeddings.T).float() * scale
+                eye = torch.eye(count, dtype=torch.bool, device=text.device)
+                similarity = similarity.masked_fill(eye, float("-inf"))
+                negative_image = torch.multinomial(similarity.T.softmax(dim=1), 1).squeeze(1)
+                negative_text = torch.multinomial(similarity.softmax(dim=1), 1).squeeze(1)
+            pair_images += [image_tokens[negative_image], image_tokens]
+            pair_texts += [text, text[negative_text]]
+        if "negative_text" in batch:  # the dataset's hard-negative captions (all-zero rows: none)
+            has = batch["negative_text"][:, 0] == self.start_id
+            pair_images.append(image_tokens[has])
+            pair_texts.append(batch["negative_text"][has])
+        ids = torch.cat(pair_texts)
+        states = self.decode(torch.cat(pair_images), ids)
+        labels = torch.zeros(len(ids), dtype=torch.long, device=ids.device)
+        labels[:count] = 1
+        itm_logits = self.itm_head(self._end_states(states, ids))
+        itm = F.cross_entropy(itm_logits.float(), labels)
+        positions = torch.arange(text.shape[1], device=text.device)
+        target_mask = (positions >= 1) & (positions[None] <= (text == self.end_id).int().argmax(dim=1, keepdim=True))
+        lm = self._lm_loss(states[:count], text, target_mask)
+        p = self.params
+        return {
+            "loss": p.itc_weight * itc + p.itm_weight * itm + p.lm_weight * lm,
+            "log/itc_loss": itc.detach(),
+            "log/itm_loss": itm.detach(),
+            "log/lm_loss": lm.detach(),
+            "log/itm_accuracy": (itm_logits.argmax(dim=1) == labels).float().mean(),
+            "log/logit_scale": scale.detach(),
+        }
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        image_tokens, pooled = self.image_features(batch["image"])
+        if "text" in batch:
+            return self._caption_losses(batch, image_tokens, pooled)
+        states = self.decode(image_tokens, batch["sequence"])
+        lm = self._lm_loss(states, batch["sequence"], batch["target_mask"])
+        return {"loss": lm, "log/lm_loss": lm.detach()}
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Keeps the contrastive logit scale in ``[0, log 100]``."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(0.0, math.log(100.0))
+
+    # --- inference --------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def itm_scores(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Probability that each text (token ids) matches its image (row by row)."""
+        image_tokens, _ = self.image_features(images)
+        return self.itm_head(self._end_states(self.decode(image_tokens, ids), ids)).softmax(dim=1)[:, 1]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: torch.Tensor,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        boxes: bool = False,
+    ) -> list[list[Hypothesis]]:
+        """The decoder's continuations of ``prompts`` (start token + prompt ids), one list per image, best first.
+
+        ``boxes``: write four location tokens then end (grounding); else text tokens only.
+        """
+        image_tokens, _ = self.image_features(images)
+
+        def log_probs(ids: torch.Tensor, positions: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+            states = self.decode(image_tokens[owners], ids)
+            return self.token_logits(states[torch.arange(len(ids)), positions]).float().log_softmax(dim=1)
+
+        vocab = torch.arange(DECODER_VOCAB_SIZE, device=images.device)
+        text_tokens = (vocab < FIRST_LOCATION_ID) & (vocab != self.start_id)
+        location_tokens, end_token = vocab >= FIRST_LOCATION_ID, vocab == self.end_id
+
+        def allowed(step: int) -> torch.Tensor:
+            if not boxes:
+                return text_tokens
+            return location_tokens if step < 4 else end_token
+
+        return beam_search(
+            log_probs,
+            prompts,
+            self.context_length,
+            self.end_id,
+            5 if boxes else max_new_tokens,
+            num_beams,
+            length_penalty,
+            allowed,
+            images.device,
+        )
+
+
+def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_init_from: bool = True) -> BLIP:
+    """The BLIP-style model on ``cfg.model``'s backbone; ``num_classes`` is unused."""
+    params = Params.model_validate(cfg.strategy_params)
+    backbone, init_report = build_backbone(cfg, in_chans, load_init_from)
+    model = BLIP(backbone, params, cfg.data.context_length)
+    model.init_report = init_report
+    return model

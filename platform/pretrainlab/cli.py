@@ -26,6 +26,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "confusion_matrix": ("pretrainlab.analysis.confusion_matrix", "confusion matrix of a model on a dataset split"),
     "tsne": ("pretrainlab.analysis.tsne", "t-SNE of a model's features on a dataset split"),
     "cam": ("pretrainlab.analysis.cam", "Grad-CAM class activation maps of a classifier on a dataset split"),
+    "outbox": ("pretrainlab.tracking.outbox", "replay metrics queued while MLflow was unreachable into MLflow"),
 }
 
 

@@ -3,11 +3,13 @@
 The driver creates (or resumes) the run and owns its params, tags, artifacts and final
 status; rank 0 of the Ray Train worker group logs step and epoch metrics into the same
 run through :class:`MetricLogger`. The run id also travels inside every checkpoint, so
-a restarted worker group continues the same run.
+a restarted worker group continues the same run. While the tracking server is down,
+metrics wait in an on-disk outbox (:mod:`pretrainlab.tracking.outbox`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -17,13 +19,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import requests
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.protos.service_pb2 import LogBatch
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.proto_json_utils import message_to_json
+from mlflow.utils.rest_utils import http_request, verify_rest_response
 
 from pretrainlab.analysis import confusion_matrix
 from pretrainlab.paths import project_home
+from pretrainlab.tracking.outbox import DEFAULT_MAX_RECORDS, Outbox, outbox_path
 
 if TYPE_CHECKING:
     from pretrainlab.train.evaluate import Evaluation
@@ -33,6 +41,7 @@ DEFAULT_ARTIFACTS = "mlartifacts"
 RUN_NAME_TAG = "pretrainlab.run_name"
 CHECKPOINT_ARTIFACT = "checkpoint"
 _MAX_PARAM_LENGTH = 6000
+_LOG_BATCH_ENDPOINT = "/api/2.0/mlflow/runs/log-batch"
 
 
 class TrackingError(RuntimeError):
@@ -128,17 +137,160 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> 
 
 
 class MetricLogger:
-    """Logs metric dicts to one run at a given step (used by rank 0 of the worker group)."""
+    """Logs metric dicts to one run at a given step (used by rank 0 of the worker group).
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
+    Training never waits long on MLflow: requests to a tracking server use ``timeout_s``
+    and ``max_retries`` (instead of MLflow's defaults, 120 s and 7 retries with backoff).
+    When the server is unreachable or answers 429/5xx, metrics are appended to the run's
+    on-disk :class:`~pretrainlab.tracking.outbox.Outbox`; later ``log`` calls send the
+    queue, in order, before anything new. Tries to send it are spaced ``retry_every_s``
+    apart, doubling after each failed try up to ``max_retry_every_s``. Other errors (a
+    deleted run, an invalid metric) still raise.
+
+    Args:
+        client: The MLflow client.
+        run_id: The run to log into.
+        outbox_dir: Folder of outbox files (default: :func:`~pretrainlab.tracking.outbox.outbox_folder`).
+        retry_every_s: Time between the first tries to send queued metrics.
+        max_retry_every_s: Longest time between two tries.
+        timeout_s: Seconds one HTTP request may take.
+        max_retries: Retries of one HTTP request (connection errors, 429 and 5xx answers).
+        max_queued: Most ``log`` calls the outbox holds; later ones are dropped and the log says so.
+    """
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        *,
+        outbox_dir: str | os.PathLike | None = None,
+        retry_every_s: float = 15.0,
+        max_retry_every_s: float = 120.0,
+        timeout_s: int = 5,
+        max_retries: int = 0,
+        max_queued: int = DEFAULT_MAX_RECORDS,
+    ) -> None:
         self.client = client
         self.run_id = run_id
+        self.outbox = Outbox(outbox_path(run_id, outbox_dir), max_queued)
+        self.retry_every_s = retry_every_s
+        self.max_retry_every_s = max_retry_every_s
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self._interval = retry_every_s
+        self._next_try = 0.0
+        self._down = False
+        self._refused: str | None = None
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log every metric in ``metrics`` at ``step``."""
+        """Log every metric in ``metrics`` at ``step``, or queue them while MLflow is unreachable."""
         now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        values = {key: float(value) for key, value in metrics.items()}
+        if not self.outbox:
+            try:
+                self.send([Metric(key, value, now, step) for key, value in values.items()])
+                return
+            except Exception as err:
+                if not is_unreachable(err):
+                    raise
+                self._went_away(err)
+        try:
+            if not self.outbox.append(step, now, values):
+                self._warn_dropped(step)
+        except OSError as err:  # a full or read-only disk on top of the outage: say so, keep training
+            print(f"cannot queue the metrics of step {step} in {self.outbox.path}, they are lost: {err}", flush=True)
+        if time.monotonic() >= self._next_try:
+            try:
+                self.flush()
+            except Exception as err:
+                if is_unreachable(err):
+                    self._went_away(err)
+                    return
+                self._next_try = time.monotonic() + self.max_retry_every_s
+                if str(err) != self._refused:
+                    self._refused = str(err)
+                    print(f"cannot send the queued metrics in {self.outbox.path} (they stay queued): {err}", flush=True)
+
+    def flush(self) -> int:
+        """Send the queued metrics now; the number sent.
+
+        Raises:
+            OutboxError: The outbox file holds a line that is not a record.
+            MlflowException: MLflow refused a batch or is still unreachable.
+        """
+        queued = len(self.outbox)
+        sent = self.outbox.flush(self.send)
+        if sent or queued:
+            dropped = f"; {self.outbox.dropped} log calls were dropped while it was full" if self.outbox.dropped else ""
+            print(
+                f"MLflow at {self.client.tracking_uri} answers again: flushed {sent} queued metrics "
+                f"from {self.outbox.path}{dropped}",
+                flush=True,
+            )
+            self.outbox.dropped = 0
+        self._down = False
+        self._refused = None
+        self._interval = self.retry_every_s
+        return sent
+
+    def send(self, metrics: list[Metric]) -> None:
+        """One ``log_batch`` call; to a tracking server, with this logger's timeout and retries."""
+        uri = self.client.tracking_uri
+        if not uri.startswith(("http://", "https://")):
+            self.client.log_batch(self.run_id, metrics=metrics)
+            return
+        body = json.loads(message_to_json(LogBatch(run_id=self.run_id, metrics=[m.to_proto() for m in metrics])))
+        response = http_request(
+            get_default_host_creds(uri),
+            _LOG_BATCH_ENDPOINT,
+            "POST",
+            max_retries=self.max_retries,
+            backoff_factor=1,
+            backoff_jitter=0.0,
+            timeout=self.timeout_s,
+            json=body,
+        )
+        verify_rest_response(response, _LOG_BATCH_ENDPOINT)
+
+    def _warn_dropped(self, step: int) -> None:
+        dropped = self.outbox.dropped
+        if dropped in (1, 10, 100) or dropped % 1000 == 0:
+            print(
+                f"outbox {self.outbox.path} is full ({self.outbox.max_records} records): dropped the metrics "
+                f"of {dropped} log calls so far (latest: step {step}); they are lost",
+                flush=True,
+            )
+
+    def _went_away(self, err: BaseException) -> None:
+        """Schedule the next try (backing off) and say once that MLflow is gone."""
+        if self._down:
+            self._interval = min(max(self._interval * 2, self.retry_every_s), self.max_retry_every_s)
+        self._next_try = time.monotonic() + self._interval
+        if not self._down:
+            self._down = True
+            print(
+                f"MLflow at {self.client.tracking_uri} unreachable ({_reason(err)}): queueing metrics in "
+                f"{self.outbox.path}; they are sent when it answers, or replay them with "
+                f"`python -m pretrainlab.tracking.outbox replay {self.outbox.path}`",
+                flush=True,
+            )
+
+
+def is_unreachable(err: BaseException) -> bool:
+    """True for errors that mean "try again later": no connection, a timeout, a 429 or 5xx answer."""
+    if isinstance(err, MlflowException):
+        status = err.get_http_status_code()
+        return status == 429 or status >= 500
+    return isinstance(err, requests.exceptions.RequestException | OSError)
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause of ``err`` in one short line (e.g. ``[Errno 111] Connection refused``)."""
+    innermost = err
+    while (innermost.__cause__ or innermost.__context__) is not None:
+        innermost = innermost.__cause__ or innermost.__context__
+    text = (str(innermost) or type(innermost).__name__).splitlines()[0]
+    return text if len(text) <= 160 else text[:160] + "..."
 
 
 def register_checkpoint(

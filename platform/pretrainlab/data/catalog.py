@@ -15,6 +15,12 @@ SCENES_TASKS = tuple(task for task in SCHEMAS if task != "classification")
 """The datasets of the scenes set: one per image-text task."""
 
 
+def is_builtin(name: str) -> bool:
+    """Whether ``data.dataset`` names a built-in dataset (prepared under ``data.root``) rather than a folder."""
+    family, _, task = name.partition("/")
+    return name in BUILTIN_DATASETS or (family == SCENES and task in SCENES_TASKS)
+
+
 def dataset_dir(cfg: ExperimentConfig) -> str:
     """The prepared shard folder of ``cfg.data.dataset``, converting a built-in set on first use.
 

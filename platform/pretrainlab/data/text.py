@@ -9,6 +9,7 @@ the text transformer finds the position it pools.
 from __future__ import annotations
 
 import functools
+import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -18,6 +19,7 @@ from open_clip.tokenizer import SimpleTokenizer
 
 VOCAB_SIZE = 49408
 """Token ids of the CLIP BPE vocabulary (including the start and end tokens)."""
+_SPACE_BEFORE_PUNCTUATION = re.compile(r" ([,.:;?!'])")
 
 
 @functools.cache
@@ -36,10 +38,10 @@ def tokenize(texts: Sequence[str], context_length: int) -> np.ndarray:
 
 
 def detokenize(ids: torch.Tensor | np.ndarray | Sequence[int], context_length: int) -> str:
-    """The text of one row of token ids, without start, end and padding tokens."""
+    """The text of one row of token ids, without start, end, padding and location tokens."""
     tok = tokenizer(context_length)
-    kept = [int(i) for i in ids if int(i) not in (0, tok.sot_token_id, tok.eot_token_id)]
-    return tok.decode(kept).strip()
+    kept = [int(i) for i in ids if int(i) not in (0, tok.sot_token_id, tok.eot_token_id) and int(i) < VOCAB_SIZE]
+    return _SPACE_BEFORE_PUNCTUATION.sub(r"\1", tok.decode(kept).strip())
 
 
 LOCATION_BINS = 64

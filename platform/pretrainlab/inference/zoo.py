@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import json
 import os
 import re
 import warnings
@@ -33,8 +34,7 @@ from mlflow.exceptions import MlflowException
 from torch import nn
 
 from pretrainlab.config import ExperimentConfig, load_config
-from pretrainlab.data.builtin import BUILTIN_DATASETS
-from pretrainlab.data.catalog import dataset_info
+from pretrainlab.data.catalog import dataset_info, is_builtin
 from pretrainlab.data.shards import MANIFEST_FILE, shard_paths
 from pretrainlab.inference.inputs import InputPreprocessor
 from pretrainlab.inference.loading import MLFLOW_SCHEMES, load_model
@@ -66,9 +66,31 @@ class ModelInfo:
         return InputPreprocessor(self.config.data, self.in_chans, self.image_size)
 
 
+GENERATION_TASKS = ("caption", "vqa", "grounding", "retrieval")
+"""The tasks of generation models, by their dataset."""
+
+
 def task_of(strategy: str) -> str:
     """The task of ``strategy``'s models (what inferencers they get): its module's ``TASK``."""
     return get_strategy(strategy).TASK
+
+
+def model_task(cfg: ExperimentConfig, dataset_task: str | None = None) -> str:
+    """The task of a model of ``cfg``: its strategy's, except for generation strategies, whose models do
+    what their dataset teaches (``caption``, ``vqa``, ``grounding``, ``retrieval``).
+
+    Args:
+        cfg: The model's config.
+        dataset_task: The task of the dataset it was trained on (a checkpoint's ``dataset_task``); default:
+            the prepared dataset's, else ``generation``.
+    """
+    task = task_of(cfg.strategy)
+    if task != "generation":
+        return task
+    if dataset_task is not None:
+        return dataset_task
+    manifest = dataset_folder(cfg) / MANIFEST_FILE
+    return json.loads(manifest.read_text())["task"] if manifest.is_file() else task
 
 
 def model_info(model: nn.Module) -> ModelInfo:
@@ -164,10 +186,10 @@ def list_models(pattern: str | None = None, task: str | None = None) -> list[str
         pattern: fnmatch-style glob, case-insensitive, e.g. ``*resnet*``.
         task: keep only models of this task (e.g. ``classification``).
     """
-    tasks = sorted({task_of(strategy) for strategy in STRATEGIES})
+    tasks = sorted({task_of(strategy) for strategy in STRATEGIES} | set(GENERATION_TASKS))
     if task is not None and task not in tasks:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(tasks)}")
-    configs = {name: task_of(cfg.strategy) for name, (_, cfg) in zoo_configs().items()}
+    configs = {name: model_task(cfg) for name, (_, cfg) in zoo_configs().items()}
     entries = {**dict(sorted(configs.items())), **dict(sorted(registered_models().items()))}
     return [
         name
@@ -239,7 +261,7 @@ def _checkpoint_model(name: str, source: str, device: torch.device, tracking_uri
     loaded = load_model(source, device, tracking_uri)
     info = ModelInfo(
         name=name,
-        task=task_of(loaded.config.strategy),
+        task=model_task(loaded.config, loaded.meta.get("dataset_task")),
         config=loaded.config,
         class_names=loaded.class_names,
         in_chans=int(loaded.meta["in_chans"]),
@@ -277,7 +299,7 @@ def _random_model(name: str, path: Path, cfg: ExperimentConfig, device: torch.de
         model = get_strategy(cfg.strategy).build_model(cfg, facts["num_classes"], facts["in_chans"])
     model.info = ModelInfo(
         name=name,
-        task=task_of(cfg.strategy),
+        task=model_task(cfg),
         config=cfg,
         class_names=list(facts["class_names"]),
         in_chans=facts["in_chans"],
@@ -290,7 +312,7 @@ def _random_model(name: str, path: Path, cfg: ExperimentConfig, device: torch.de
 def dataset_folder(cfg: ExperimentConfig) -> Path:
     """Where ``cfg.data.dataset`` is (or would be) prepared; unlike ``dataset_dir`` this converts nothing."""
     name = cfg.data.dataset
-    return Path(resolve(cfg.data.root)) / name if name in BUILTIN_DATASETS else Path(resolve(name))
+    return Path(resolve(cfg.data.root)) / name if is_builtin(name) else Path(resolve(name))
 
 
 def _image_size(cfg: ExperimentConfig, name: str) -> tuple[int, int] | None:

@@ -6,8 +6,9 @@ that follows the one at ``positions``; ``owners`` says which input each row cont
 decoder can pair it with that input's image. ``allowed(step)`` restricts the vocabulary at each
 step (e.g. only location tokens while a box is written). A hypothesis ends with the end token;
 its score is the sum of its tokens' log-probabilities divided by ``length ** length_penalty``
-(length: tokens generated, end token included), as in Hugging Face's beam search; an input
-stops once ``num_beams`` of its hypotheses have ended (Hugging Face's ``early_stopping=True``).
+(length: tokens generated, end token included). As in Hugging Face's beam search, an ending is
+kept only when it ranks among the step's best ``num_beams`` candidates, and an input stops once
+``num_beams`` of its hypotheses have ended (``early_stopping=True``).
 """
 
 from __future__ import annotations
@@ -85,11 +86,13 @@ def beam_search(
                 continue
             flat = scores[mine].flatten()
             values, indices = flat.topk(min(2 * num_beams, int(torch.isfinite(flat).sum())))
-            for value, index in zip(values.tolist(), indices.tolist(), strict=True):
+            for rank, (value, index) in enumerate(zip(values.tolist(), indices.tolist(), strict=True)):
                 row, token = mine[index // scores.shape[1]], index % scores.shape[1]
                 seq = rows[row][1]
                 generated = len(seq) - len(prompts[i]) + 1
                 if token == end_id:
+                    if rank >= num_beams:  # an ending below the best num_beams candidates is not kept
+                        continue
                     tokens = seq[len(prompts[i]) :]
                     finished[i].append(Hypothesis(tokens, _normalised(value, generated, length_penalty), True))
                     if len(finished[i]) >= num_beams:

@@ -152,9 +152,7 @@ class BLIP(nn.Module):
         labels[:count] = 1
         itm_logits = self.itm_head(self._end_states(states, ids))
         itm = F.cross_entropy(itm_logits.float(), labels)
-        positions = torch.arange(text.shape[1], device=text.device)
-        target_mask = (positions >= 1) & (positions[None] <= (text == self.end_id).int().argmax(dim=1, keepdim=True))
-        lm = self._lm_loss(states[:count], text, target_mask)
+        lm = self._lm_loss(states[:count], text, self._caption_mask(text))
         p = self.params
         return {
             "loss": p.itc_weight * itc + p.itm_weight * itm + p.lm_weight * lm,
@@ -165,6 +163,11 @@ class BLIP(nn.Module):
             "log/logit_scale": scale.detach(),
         }
 
+    def _caption_mask(self, text: torch.Tensor) -> torch.Tensor:
+        """Where a caption's decoder is taught: every token after the start token, the end token included."""
+        positions = torch.arange(text.shape[1], device=text.device)
+        return (positions >= 1) & (positions[None] <= (text == self.end_id).int().argmax(dim=1, keepdim=True))
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         image_tokens, pooled = self.image_features(batch["image"])
         if "text" in batch:
@@ -172,6 +175,16 @@ class BLIP(nn.Module):
         states = self.decode(image_tokens, batch["sequence"])
         lm = self._lm_loss(states, batch["sequence"], batch["target_mask"])
         return {"loss": lm, "log/lm_loss": lm.detach()}
+
+    def lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The decoder's teacher-forced loss on the caption (``text``) or the answer / box (``sequence``) alone:
+        what validation measures (no cross-worker or random terms)."""
+        image_tokens, _ = self.image_features(batch["image"])
+        if "text" in batch:
+            ids, mask = batch["text"], self._caption_mask(batch["text"])
+        else:
+            ids, mask = batch["sequence"], batch["target_mask"]
+        return self._lm_loss(self.decode(image_tokens, ids), ids, mask)
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Keeps the contrastive logit scale in ``[0, log 100]``."""

@@ -72,6 +72,7 @@ def checkpoint_meta(
         "class_names": dataset["class_names"],
         "num_classes": dataset["num_classes"],
         "in_chans": dataset["in_chans"],
+        "dataset_task": dataset.get("task", "classification"),
         "epoch": epoch,
         "step": step,
         "metrics": metrics,

@@ -89,6 +89,8 @@ def validate(models: dict[str, nn.Module], shard: Any, cfg: ExperimentConfig, st
     ``knn_top1``, leave-one-out k-nearest-neighbour top-1 (k=20) of the backbone's features
     among all validation images. Image-text strategies: retrieval Recall@1/5/10 both ways
     (``i2t_r1`` ... ``t2i_r10``, ``rsum``) among all validation images and their texts.
+    Generation strategies: ``lm_loss``, the decoder's teacher-forced loss on the first caption,
+    question or object of each image.
     """
     for model in models.values():
         model.eval()
@@ -102,6 +104,16 @@ def validate(models: dict[str, nn.Module], shard: Any, cfg: ExperimentConfig, st
                 cfg.train.eval_batch_size,
                 stepper.device,
             )
+    if task == "generation":
+        sums = {name: torch.zeros(2, dtype=torch.float64) for name in models}
+        with torch.no_grad(), stepper.autocast:
+            for batch in _validation_batches(shard, cfg, stepper.device):
+                count = len(batch["image"])
+                for name, model in models.items():
+                    sums[name] += torch.tensor([unwrap(model).lm_loss(batch).item() * count, count])
+        return {
+            name: {"lm_loss": (lambda s: s[0] / s[1])(all_reduce_sums(total).tolist())} for name, total in sums.items()
+        }
     if task == "classification":
         sums = {name: torch.zeros(4, dtype=torch.float64) for name in models}
         with torch.no_grad(), stepper.autocast:
@@ -249,3 +261,13 @@ def run_loop(loop_config: dict[str, Any], session: LoopSession) -> None:
                 )
                 checkpoint = session.checkpoint_from(folder)
             session.report(metrics, checkpoint)
+
+    if logger is not None and logger.outbox:  # metrics still queued from an MLflow outage: one last try
+        try:
+            logger.flush()
+        except Exception as err:  # still unreachable: the outbox file keeps them for a replay
+            print(
+                f"[rank 0] MLflow still unreachable ({err}): queued metrics stay in {logger.outbox.path}; "
+                f"send them with `python -m pretrainlab.tracking.outbox replay {logger.outbox.path}`",
+                flush=True,
+            )

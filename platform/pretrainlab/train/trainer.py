@@ -50,10 +50,29 @@ def check_experiment(cfg: ExperimentConfig) -> str:
             f"data.dataset: {data_folder} is a {info['task']} dataset; strategy {cfg.strategy} trains on "
             f"{' or '.join(tasks)} datasets"
         )
+    if info["task"] == "grounding" and (moving := _geometric_ops(cfg.data.train_pipeline)):
+        raise PipelineError(
+            f"data.train_pipeline: {', '.join(moving)} move pixels, so the boxes of a grounding dataset would no "
+            "longer match; keep to ops that do not (Resize, colour and blur ops)"
+        )
     strategy.build_model(cfg, info["num_classes"], info["in_chans"])
     train_views(cfg.data)
     eval_pipeline(cfg.data)
     return data_folder
+
+
+_GEOMETRIC = ("Crop", "Flip", "Affine", "Rotat", "Perspective", "Augment", "Elastic", "ZoomOut")
+
+
+def _geometric_ops(ops: list[dict]) -> list[str]:
+    """The types of ``ops`` (nested ones included) that move pixels: crops, flips, affine maps, policies."""
+    found = []
+    for op in ops:
+        kind = str(op.get("type", ""))
+        if any(word in kind for word in _GEOMETRIC):
+            found.append(kind)
+        found += _geometric_ops(op.get("transforms", []))
+    return found
 
 
 def for_workers(cfg: ExperimentConfig) -> dict:

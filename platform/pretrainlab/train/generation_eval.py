@@ -1,0 +1,318 @@
+"""Generative image-text models on whole splits: captioning, VQA and grounding metrics with their sanity baselines.
+
+A model here is the BLIP-style model (:mod:`pretrainlab.strategies.blip`): ``generate(images, prompts, ...)``
+continues one prompt per image row. Each evaluation returns the task's metrics next to a baseline
+that the model should beat by a wide margin:
+
+- captioning, ``shuffled/*``: the predicted captions scored against the references of other images
+  (a fixed permutation, seed 0);
+- VQA, ``question_only/*``: the same model answering every question about a blank image (an
+  all-zero normalised input: every pixel the colour ``data.mean``), so only the question informs it;
+- grounding, ``centre_box/*``: for every expression, a box centred in the image whose width and
+  height are the means over the evaluated samples' target boxes (:func:`centre_box`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from pretrainlab.analysis.multimodal_samples import plot_samples
+from pretrainlab.config import DataConfig
+from pretrainlab.data.catalog import dataset_dir
+from pretrainlab.data.dataset import load_split_annotated
+from pretrainlab.data.errors import DatasetError
+from pretrainlab.data.text import GROUNDING_PROMPT, VQA_PROMPT, bpe_ids, detokenize, tokens_to_box
+from pretrainlab.inference.loading import LoadedModel
+from pretrainlab.metrics.captioning import caption_scores
+from pretrainlab.metrics.grounding import grounding_scores
+from pretrainlab.metrics.vqa import vqa_scores
+from pretrainlab.models.generation import Hypothesis
+from pretrainlab.train.checkpoint import CheckpointError
+from pretrainlab.train.evaluate import eval_batches
+
+Box = list[float]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate_best(
+    model: nn.Module,
+    images: np.ndarray,
+    owners: Sequence[int],
+    prompts: Sequence[list[int]],
+    data_cfg: DataConfig,
+    batch_size: int = 64,
+    **generate_kwargs,
+) -> list[Hypothesis]:
+    """The best hypothesis of ``model.generate`` for each sample: prompt ``prompts[i]`` about image ``owners[i]``.
+
+    Images go through the evaluation pipeline ``batch_size`` at a time; the samples of those images
+    are generated ``batch_size`` rows at a time, each row its own copy of its image.
+
+    Args:
+        model: A generative image-text model in eval mode.
+        images: uint8 ``N x C x H x W``.
+        owners: Image index of each sample, in non-decreasing order.
+        prompts: Start token + prompt ids of each sample.
+        data_cfg: The model's data section (evaluation pipeline).
+        batch_size: Images per pipeline batch and rows per ``generate`` call.
+        generate_kwargs: ``max_new_tokens``, ``num_beams``, ``length_penalty``, ``boxes``.
+    """
+    owners = np.asarray(owners, dtype=np.int64)
+    if len(owners) != len(prompts):
+        raise ValueError(f"got {len(owners)} image indices for {len(prompts)} prompts")
+    if len(owners) and ((np.diff(owners) < 0).any() or owners[0] < 0 or owners[-1] >= len(images)):
+        raise ValueError(f"image indices must be sorted and within 0..{len(images) - 1}")
+    best: list[Hypothesis] = []
+    for start, batch in zip(
+        range(0, len(images), batch_size), eval_batches(images, data_cfg, batch_size, _device(model)), strict=True
+    ):
+        first, stop = np.searchsorted(owners, [start, start + len(batch)])
+        for lo in range(first, stop, batch_size):
+            rows = torch.from_numpy(owners[lo : min(stop, lo + batch_size)] - start).to(batch.device)
+            found = model.generate(batch[rows], list(prompts[lo : lo + len(rows)]), **generate_kwargs)
+            best += [hypotheses[0] for hypotheses in found]
+    return best
+
+
+def _blank_image(images: np.ndarray, data_cfg: DataConfig, device: torch.device) -> torch.Tensor:
+    """One all-zero normalised model input (every pixel ``data.mean``) of the evaluation pipeline's shape."""
+    return torch.zeros_like(next(eval_batches(images[:1], data_cfg, 1, device)))
+
+
+@torch.no_grad()
+def _blank_answers(
+    model: nn.Module, images: np.ndarray, prompts: list[list[int]], data_cfg: DataConfig, batch_size: int, **kwargs
+) -> list[Hypothesis]:
+    """The best hypothesis for each prompt about a blank image; each distinct prompt is generated once."""
+    distinct = list(dict.fromkeys(tuple(p) for p in prompts))
+    blank = _blank_image(images, data_cfg, _device(model))
+    found: dict[tuple[int, ...], Hypothesis] = {}
+    for lo in range(0, len(distinct), batch_size):
+        chunk = distinct[lo : lo + batch_size]
+        results = model.generate(blank.expand(len(chunk), -1, -1, -1), [list(p) for p in chunk], **kwargs)
+        found.update({p: hypotheses[0] for p, hypotheses in zip(chunk, results, strict=True)})
+    return [found[tuple(p)] for p in prompts]
+
+
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}/{key}": value for key, value in metrics.items()}
+
+
+def _captions(model: nn.Module, images: np.ndarray, data_cfg: DataConfig, batch_size: int, **kwargs) -> list[str]:
+    """One caption generated per image, from the start token alone (captions have no prompt)."""
+    owners, prompts = list(range(len(images))), [[model.start_id]] * len(images)
+    best = generate_best(model, images, owners, prompts, data_cfg, batch_size, **kwargs)
+    return [detokenize(h.tokens, model.context_length) for h in best]
+
+
+def _vqa_samples(annotations: dict[str, list], start_id: int) -> tuple[list[int], list[list[int]], list[dict]]:
+    """One sample per question of every image: (image indices, ``VQA_PROMPT`` prompts, the questions)."""
+    questions = [(i, q) for i, row in enumerate(annotations["questions"]) for q in row]
+    prompts = bpe_ids([VQA_PROMPT.format(q["question"]) for _, q in questions])
+    return [i for i, _ in questions], [[start_id, *p] for p in prompts], [q for _, q in questions]
+
+
+def _grounding_samples(annotations: dict[str, list], start_id: int) -> tuple[list[int], list[list[int]], list[Box]]:
+    """One sample per expression of every ref (as RefCOCO evaluation counts them):
+    (image indices, ``GROUNDING_PROMPT`` prompts, target pixel boxes)."""
+    pairs = [
+        (i, text, ref["box"]) for i, row in enumerate(annotations["refs"]) for ref in row for text in ref["expressions"]
+    ]
+    prompts = bpe_ids([GROUNDING_PROMPT.format(text) for _, text, _ in pairs])
+    return [i for i, _, _ in pairs], [[start_id, *p] for p in prompts], [[float(v) for v in box] for _, _, box in pairs]
+
+
+def hypothesis_box(hypothesis: Hypothesis, width: float, height: float) -> Box:
+    """The pixel box ``x1 <= x2, y1 <= y2`` of a grounding hypothesis' four location tokens.
+
+    A hypothesis cut short by the context length (fewer than four tokens) gives the empty box at the origin,
+    which scores IoU 0.
+    """
+    if len(hypothesis.tokens) != 4:
+        return [0.0, 0.0, 0.0, 0.0]
+    x1, y1, x2, y2 = tokens_to_box(hypothesis.tokens, width, height)
+    return [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
+
+
+def centre_box(target_boxes: Sequence[Sequence[float]], width: float, height: float) -> Box:
+    """The centre-box baseline: a box centred in a ``width x height`` image, as wide and as tall as the
+    ``target_boxes`` (``x1, y1, x2, y2``) are on average."""
+    boxes = np.asarray(target_boxes, dtype=np.float64)
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or not len(boxes):
+        raise ValueError(f"target_boxes must be a non-empty N x 4 list of boxes, got shape {boxes.shape}")
+    half_w, half_h = (boxes[:, 2] - boxes[:, 0]).mean() / 2, (boxes[:, 3] - boxes[:, 1]).mean() / 2
+    return [width / 2 - half_w, height / 2 - half_h, width / 2 + half_w, height / 2 + half_h]
+
+
+def evaluate_captioning(
+    model: nn.Module,
+    images: np.ndarray,
+    annotations: dict[str, list],
+    data_cfg: DataConfig,
+    batch_size: int = 64,
+    num_beams: int = 3,
+    max_new_tokens: int = 40,
+    length_penalty: float = 1.0,
+) -> tuple[dict[str, float], list[str]]:
+    """BLEU-1..4 and CIDEr of one caption generated per image, next to the ``shuffled/*`` baseline.
+
+    Args:
+        model: A generative image-text model in eval mode.
+        images: uint8 ``N x C x H x W``.
+        annotations: The split's ``captions``, one list of references per image.
+        data_cfg: The model's data section.
+        batch_size: Images per generation batch.
+        num_beams, max_new_tokens, length_penalty: Beam search settings.
+
+    Returns:
+        (metrics, the predicted caption of each image).
+    """
+    search = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "length_penalty": length_penalty}
+    predictions = _captions(model, images, data_cfg, batch_size, **search)
+    references = annotations["captions"]
+    permutation = np.random.default_rng(0).permutation(len(references))
+    shuffled = caption_scores(predictions, [references[j] for j in permutation])
+    return {**caption_scores(predictions, references), **_prefixed("shuffled", shuffled)}, predictions
+
+
+def evaluate_vqa(
+    model: nn.Module,
+    images: np.ndarray,
+    annotations: dict[str, list],
+    data_cfg: DataConfig,
+    batch_size: int = 64,
+    num_beams: int = 1,
+    max_new_tokens: int = 5,
+    length_penalty: float = 1.0,
+) -> tuple[dict[str, float], list[str]]:
+    """Exact match and VQAv2 accuracy (overall and per question type) of one generated answer per question,
+    next to the ``question_only/*`` baseline (the same questions about a blank image).
+
+    Args:
+        model: A generative image-text model in eval mode.
+        images: uint8 ``N x C x H x W``.
+        annotations: The split's ``questions``, one list per image.
+        data_cfg: The model's data section.
+        batch_size: Images per pipeline batch and questions per generation batch.
+        num_beams, max_new_tokens, length_penalty: Search settings (default greedy).
+
+    Returns:
+        (metrics, the predicted answer of each question, in image then question order).
+    """
+    owners, prompts, questions = _vqa_samples(annotations, model.start_id)
+    kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "length_penalty": length_penalty}
+    best = generate_best(model, images, owners, prompts, data_cfg, batch_size, **kwargs)
+    blank = _blank_answers(model, images, prompts, data_cfg, batch_size, **kwargs)
+    predictions = [detokenize(h.tokens, model.context_length) for h in best]
+    question_only = [detokenize(h.tokens, model.context_length) for h in blank]
+    answers = [q["answers"] for q in questions]
+    types = [q["question_type"] for q in questions]
+    metrics = vqa_scores(predictions, answers, types)
+    return {**metrics, **_prefixed("question_only", vqa_scores(question_only, answers, types))}, predictions
+
+
+def evaluate_grounding(
+    model: nn.Module,
+    images: np.ndarray,
+    annotations: dict[str, list],
+    data_cfg: DataConfig,
+    batch_size: int = 64,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+) -> tuple[dict[str, float], list[Box]]:
+    """Accuracy at IoU >= 0.5 and mean IoU of one box predicted per (ref, expression), next to the
+    ``centre_box/*`` baseline (:func:`centre_box` of the samples' targets).
+
+    Args:
+        model: A generative image-text model in eval mode that writes location tokens (``boxes=True``).
+        images: uint8 ``N x C x H x W``; boxes are in these images' pixels.
+        annotations: The split's ``refs``, one list per image.
+        data_cfg: The model's data section.
+        batch_size: Images per pipeline batch and expressions per generation batch.
+        num_beams, length_penalty: Search settings (default greedy).
+
+    Returns:
+        (metrics, the predicted pixel box of each sample, in image, ref, expression order).
+    """
+    owners, prompts, targets = _grounding_samples(annotations, model.start_id)
+    height, width = images.shape[2:]
+    search = {"num_beams": num_beams, "length_penalty": length_penalty, "boxes": True}
+    best = generate_best(model, images, owners, prompts, data_cfg, batch_size, max_new_tokens=5, **search)
+    boxes = [hypothesis_box(h, width, height) for h in best]
+    centre = [centre_box(targets, width, height)] * len(targets)
+    return {**grounding_scores(boxes, targets), **_prefixed("centre_box", grounding_scores(centre, targets))}, boxes
+
+
+_COLUMN = {"caption": "captions", "retrieval": "captions", "vqa": "questions", "grounding": "refs"}
+"""The annotation column each dataset task is evaluated on (retrieval rows: captioning of their captions)."""
+
+
+def _split_of(loaded: LoadedModel, split: str, data_folder: str | None) -> tuple[str, np.ndarray, dict[str, list]]:
+    """(the checkpoint's dataset task, the split's images, its annotations for that task)."""
+    task = loaded.meta.get("dataset_task")
+    if task not in _COLUMN:
+        raise CheckpointError(
+            f"{loaded.checkpoint_dir}: dataset task {task!r}; generative models are evaluated on {', '.join(_COLUMN)}"
+        )
+    folder = data_folder or dataset_dir(loaded.config)
+    images, annotations = load_split_annotated(folder, split)
+    column = _COLUMN[task]
+    if column not in annotations:
+        raise DatasetError(f"{folder}: has no {column!r} column to evaluate a model trained on {task} rows")
+    return task, images, {column: annotations[column]}
+
+
+def evaluate_generation_split(
+    loaded: LoadedModel, split: str, data_folder: str | None = None, batch_size: int = 64
+) -> dict[str, float]:
+    """The task's metrics and baseline of a loaded generative checkpoint on ``split`` of its dataset (or of
+    ``data_folder``): captioning on caption and retrieval datasets, VQA, or grounding, by the dataset task
+    the checkpoint was trained on."""
+    task, images, annotations = _split_of(loaded, split, data_folder)
+    data_cfg = loaded.config.data
+    if task == "vqa":
+        return evaluate_vqa(loaded.model, images, annotations, data_cfg, batch_size)[0]
+    if task == "grounding":
+        return evaluate_grounding(loaded.model, images, annotations, data_cfg, batch_size)[0]
+    return evaluate_captioning(loaded.model, images, annotations, data_cfg, batch_size)[0]
+
+
+def generation_samples_figure(
+    loaded: LoadedModel, split: str, data_folder: str | None = None, count: int = 16
+) -> Figure:
+    """A grid of the first ``count`` images of ``split`` with the model's caption, answer (to each image's first
+    question) or box (for each image's first expression) next to the reference."""
+    task, images, annotations = _split_of(loaded, split, data_folder)
+    model, data_cfg = loaded.model, loaded.config.data
+    images = images[:count]
+    annotations = {key: values[:count] for key, values in annotations.items()}
+    owners = list(range(len(images)))
+    if task == "vqa":
+        questions = [row[0] for row in annotations["questions"]]
+        prompts = [[model.start_id, *p] for p in bpe_ids([VQA_PROMPT.format(q["question"]) for q in questions])]
+        best = generate_best(model, images, owners, prompts, data_cfg, max_new_tokens=5)
+        lines = [
+            [f"Q: {q['question']}", f"pred: {detokenize(h.tokens, model.context_length)}", f"ref: {q['answers'][0]}"]
+            for q, h in zip(questions, best, strict=True)
+        ]
+        return plot_samples(images, lines)
+    if task == "grounding":
+        refs = [row[0] for row in annotations["refs"]]
+        texts = [ref["expressions"][0] for ref in refs]
+        prompts = [[model.start_id, *p] for p in bpe_ids([GROUNDING_PROMPT.format(text) for text in texts])]
+        best = generate_best(model, images, owners, prompts, data_cfg, max_new_tokens=5, boxes=True)
+        height, width = images.shape[2:]
+        boxes = [(hypothesis_box(h, width, height), ref["box"]) for h, ref in zip(best, refs, strict=True)]
+        return plot_samples(images, [[text] for text in texts], boxes)
+    predictions = _captions(model, images, data_cfg, 64, max_new_tokens=40, num_beams=3)
+    lines = [[f"pred: {p}", f"ref: {refs[0]}"] for p, refs in zip(predictions, annotations["captions"], strict=True)]
+    return plot_samples(images, lines)

@@ -1,0 +1,249 @@
+"""The BLIP-style model: decoder sequences, box tokens, beam search, its losses on each kind of scenes row, an
+overfit check of the decoder, and the caption / VQA / grounding inferencers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pretrainlab.config import validate
+from pretrainlab.data.errors import DatasetError
+from pretrainlab.data.pipeline import Preprocessor, to_model_inputs
+from pretrainlab.data.scenes import write_scenes
+from pretrainlab.data.text import (
+    FIRST_LOCATION_ID,
+    LOCATION_BINS,
+    box_to_tokens,
+    bpe_ids,
+    detokenize,
+    prompted_sequences,
+    tokenize,
+    tokens_to_box,
+)
+from pretrainlab.data.transforms import PipelineError
+from pretrainlab.inference.inferencers import (
+    ImageCaptionInferencer,
+    VisualGroundingInferencer,
+    VisualQuestionAnsweringInferencer,
+)
+from pretrainlab.inference.zoo import ModelInfo
+from pretrainlab.models.generation import beam_search
+from pretrainlab.strategies import get_strategy
+from pretrainlab.train.optim import build_optimizer
+from pretrainlab.train.trainer import check_experiment
+
+START, END = 49406, 49407
+TINY_BLIP = {"embed_dim": 32, "width": 32, "text_layers": 1, "decoder_layers": 1, "heads": 2}
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    """A 120-image scenes set at 64 px: task -> dataset folder."""
+    return write_scenes(tmp_path_factory.mktemp("scenes"), num_images=120, image_size=64, seed=3, workers=1)
+
+
+def tiny_config(folder, **params):
+    return validate(
+        {
+            "name": "blip-test",
+            "strategy": "blip",
+            "strategy_params": {**TINY_BLIP, **params},
+            "model": {"backbone": "test_resnet", "stem_stride": 1},
+            "data": {"dataset": str(folder), "mean": [0.65] * 3, "std": [0.15] * 3, "context_length": 48},
+            "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
+        }
+    )
+
+
+def rows_of(folder, count: int, split: str = "train") -> dict[str, np.ndarray]:
+    table = pq.read_table(next(folder.glob(f"{split}-*.parquet"))).slice(0, count)
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def batch_of(cfg, folder, count: int) -> dict[str, torch.Tensor]:
+    return to_model_inputs(Preprocessor(cfg.data, train=True, seed=0)(rows_of(folder, count)), cfg.data, "cpu")
+
+
+# --- sequences and boxes --------------------------------------------------------------------------------------------
+
+
+def test_prompted_sequences_teach_the_target_and_its_end_token():
+    ids, mask = prompted_sequences([[11, 12], []], [[21], [31, 32, 33]], context_length=6)
+    assert ids.tolist() == [[START, 11, 12, 21, END, 0], [START, 31, 32, 33, END, 0]]
+    assert mask.tolist() == [[False, False, False, True, True, False], [False, True, True, True, True, False]]
+
+
+def test_prompted_sequences_cut_the_target_and_refuse_a_prompt_that_fills_the_context():
+    ids, mask = prompted_sequences([[11]], [[21, 22, 23, 24]], context_length=5)
+    assert ids.tolist() == [[START, 11, 21, 22, END]] and mask.sum() == 3
+    with pytest.raises(ValueError, match="row 0: a prompt of 3 tokens leaves no room in 5"):
+        prompted_sequences([[1, 2, 3]], [[4]], context_length=5)
+
+
+def test_box_tokens_round_trip_to_the_bin_centres():
+    box = [10.0, 20.0, 50.0, 90.0]
+    tokens = box_to_tokens(box, width=100, height=100)
+    assert tokens == [FIRST_LOCATION_ID + b for b in (6, 12, 32, 57)]  # 64 bins of 100/64 = 1.5625 px
+    back = tokens_to_box(tokens, 100, 100)
+    assert all(abs(a - b) <= 100 / LOCATION_BINS / 2 for a, b in zip(back, box, strict=True))
+    assert (
+        box_to_tokens([-5, 0, 100, 120], 100, 100)
+        == [FIRST_LOCATION_ID, FIRST_LOCATION_ID] + [FIRST_LOCATION_ID + LOCATION_BINS - 1] * 2
+    )  # clipped to the image
+    with pytest.raises(ValueError, match="a box is 4 location tokens"):
+        tokens_to_box([FIRST_LOCATION_ID, 5, FIRST_LOCATION_ID, FIRST_LOCATION_ID], 100, 100)
+
+
+def test_detokenize_drops_location_tokens_and_joins_punctuation():
+    ids = tokenize(["from left to right: a red circle, a bag"], 16)[0]
+    assert detokenize([*ids[:3], FIRST_LOCATION_ID + 3, *ids[3:]], 16) == "from left to right: a red circle, a bag"
+
+
+# --- beam search ----------------------------------------------------------------------------------------------------
+
+# A fixed "decoder" over a 5-token vocabulary (token 4 ends): the next token's log-probabilities depend only on the
+# last token, so every hypothesis' score can be computed by hand.
+TABLE = torch.log(
+    torch.tensor(
+        [
+            [0.05, 0.5, 0.4, 0.0, 0.05],  # after 0 (start)
+            [0.0, 0.0, 0.0, 0.9, 0.1],  # after 1
+            [0.0, 0.0, 0.0, 0.1, 0.9],  # after 2
+            [0.0, 0.0, 0.0, 0.0, 1.0],  # after 3
+            [0.2, 0.2, 0.2, 0.2, 0.2],  # after 4 (never continued)
+        ]
+    )
+)
+
+
+def table_decoder(ids: torch.Tensor, positions: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+    return TABLE[ids[torch.arange(len(ids)), positions]]
+
+
+def test_beam_search_returns_hypotheses_best_first_with_hand_computed_scores():
+    (ranked,) = beam_search(table_decoder, [[0]], context_length=8, end_id=4, max_new_tokens=4, num_beams=3)
+    # sequences: 2,4 -> log(.4*.9)/2 = -0.5108; 1,3,4 -> log(.5*.9*1)/3 = -0.2662; 1,4 -> log(.5*.1)/2 = -1.4979;
+    # 4 -> log .05 = -2.9957
+    assert [h.tokens for h in ranked] == [(1, 3), (2,), (1,)]
+    np.testing.assert_allclose([h.score for h in ranked], [math.log(0.45) / 3, math.log(0.36) / 2, math.log(0.05) / 2])
+    assert all(h.finished for h in ranked)
+    assert ranked[0].score >= ranked[1].score >= ranked[2].score
+
+
+def test_greedy_search_takes_the_most_likely_token_each_step_and_length_penalty_reorders():
+    (greedy,) = beam_search(table_decoder, [[0]], 8, end_id=4, max_new_tokens=4, num_beams=1)
+    assert greedy[0].tokens == (1, 3)
+    # length_penalty 0 ranks by summed log-probabilities: 1,3,4 (log .45) before 2,4 (log .36); the ending 1,4 at
+    # step 2 ranks third of the candidates, below the 2 beams, so it is not kept
+    (raw,) = beam_search(table_decoder, [[0]], 8, end_id=4, max_new_tokens=4, num_beams=2, length_penalty=0.0)
+    np.testing.assert_allclose([h.score for h in raw], [math.log(0.45), math.log(0.36)])
+
+
+def test_beam_search_keeps_unfinished_hypotheses_after_finished_ones_and_respects_allowed():
+    never_end = torch.tensor([True, True, True, True, False])
+    (ranked,) = beam_search(
+        table_decoder, [[0]], 8, end_id=4, max_new_tokens=2, num_beams=2, allowed=lambda step: never_end
+    )
+    assert not any(h.finished for h in ranked) and ranked[0].tokens == (1, 3)
+
+
+# --- the model ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["retrieval", "caption", "vqa", "grounding"])
+def test_each_kind_of_row_trains_two_steps_with_finite_losses(scenes, task):
+    torch.manual_seed(0)
+    cfg = tiny_config(scenes[task])
+    model = get_strategy("blip").build_model(cfg, 0, 3)
+    batch = batch_of(cfg, scenes[task], 16)
+    optimizer = build_optimizer(model, cfg.optim, 1e-3)
+    for step in range(2):
+        out = model(batch)
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.after_step(step + 1, 2)
+        assert math.isfinite(out["loss"].item())
+    expected = {"log/itc_loss", "log/itm_loss", "log/lm_loss"} if task in ("retrieval", "caption") else {"log/lm_loss"}
+    assert expected <= set(out)
+    assert math.isfinite(model.lm_loss(batch).item())
+
+
+def test_decoder_overfits_captions_of_16_images(scenes):
+    """After 120 steps on 16 images, a caption costs less with its own image than with another's."""
+    torch.manual_seed(0)
+    cfg = tiny_config(scenes["caption"], itc_weight=0.0, itm_weight=0.0, label_smoothing=0.0)
+    cfg.model.stem_stride = None  # test_resnet's own stem: 4 image tokens of 64 px images, quick to train
+    model = get_strategy("blip").build_model(cfg, 0, 3)
+    rows = rows_of(scenes["caption"], 16)
+    fixed = to_model_inputs(Preprocessor(cfg.data, train=False)(rows), cfg.data, "cpu")  # first caption, no shift
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(120):
+        loss = model(fixed)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    shuffled = {**fixed, "text": fixed["text"].roll(1, dims=0)}
+    with torch.no_grad():
+        own, other = model.lm_loss(fixed).item(), model.lm_loss(shuffled).item()
+    assert own < 0.5 * other, (own, other)
+
+
+def attach_info(model, cfg, task: str):
+    model.info = ModelInfo(
+        name="blip-test", task=task, class_names=[], config=cfg, in_chans=3, image_size=(64, 64), source="test"
+    )
+    return model.eval()
+
+
+def test_inferencers_caption_answer_and_ground(scenes):
+    torch.manual_seed(0)
+    images = [image for image in rows_of(scenes["caption"], 2, "test")["image"]]
+    pixels = Preprocessor(tiny_config(scenes["caption"]).data, train=False)(rows_of(scenes["caption"], 2, "test"))
+    arrays = list(pixels["image"].transpose(0, 2, 3, 1))
+    assert len(images) == 2
+    cfg = tiny_config(scenes["caption"])
+    captioner = ImageCaptionInferencer(attach_info(get_strategy("blip").build_model(cfg, 0, 3), cfg, "caption"))
+    captions = captioner(arrays, num_beams=2, max_new_tokens=6)
+    assert len(captions) == 2 and all(isinstance(c["pred_caption"], str) for c in captions)
+    answerer = VisualQuestionAnsweringInferencer(attach_info(get_strategy("blip").build_model(cfg, 0, 3), cfg, "vqa"))
+    answers = answerer(arrays, "is there a red object?", max_new_tokens=3)
+    assert [a["question"] for a in answers] == ["is there a red object?"] * 2
+    grounder = VisualGroundingInferencer(attach_info(get_strategy("blip").build_model(cfg, 0, 3), cfg, "grounding"))
+    big = np.repeat(np.repeat(arrays[0], 2, axis=0), 2, axis=1)  # 128 px: the box comes back in its own pixels
+    (result,) = grounder([big], ["the red object"])
+    x1, y1, x2, y2 = result["pred_bbox"]
+    assert 0 <= x1 <= x2 <= 128 and 0 <= y1 <= y2 <= 128
+    with pytest.raises(ValueError, match="2 texts for 1 images"):
+        grounder([big], ["a", "b"])
+    with pytest.raises(ValueError, match="is a caption model, not a vqa model"):
+        VisualQuestionAnsweringInferencer(captioner.model)
+
+
+def test_grounding_refuses_a_pipeline_that_moves_pixels(project, scenes):
+    cfg = tiny_config(scenes["grounding"])
+    cfg.data.train_pipeline = [{"type": "RandomApply", "p": 0.5, "transforms": [{"type": "RandomHorizontalFlip"}]}]
+    with pytest.raises(PipelineError, match="RandomHorizontalFlip move pixels"):
+        check_experiment(cfg)
+    cfg.data.train_pipeline = [{"type": "ColorJitter", "brightness": 0.2}]
+    check_experiment(cfg)
+
+
+def test_blip_refuses_a_classification_dataset(project):
+    with pytest.raises(DatasetError, match="strategy blip trains on caption or retrieval or vqa or grounding"):
+        check_experiment(tiny_config("digits").model_copy(update={"data": tiny_config("digits").data}))
+
+
+def test_vqa_rows_become_question_prompts_with_the_answer_taught(scenes):
+    cfg = tiny_config(scenes["vqa"])
+    rows = rows_of(scenes["vqa"], 4)
+    out = Preprocessor(cfg.data, train=False)(rows)
+    first = rows["questions"][0][0]
+    prompt = bpe_ids([f"question: {first['question']} answer:"])[0]
+    assert out["sequence"][0, 1 : 1 + len(prompt)].tolist() == prompt
+    assert detokenize(out["sequence"][0][out["target_mask"][0]], 48) == first["answers"][0]

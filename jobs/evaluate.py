@@ -1,7 +1,10 @@
 """Evaluate a checkpoint on a split of its dataset; log metrics (and a confusion matrix) to MLflow.
 
 Classification checkpoints: loss, top-1, top-5 and a confusion matrix. Image-text checkpoints:
-retrieval Recall@1/5/10 both ways and the shuffled-image baseline (``shuffled/*``).
+retrieval Recall@1/5/10 both ways and the shuffled-image baseline (``shuffled/*``). Generative
+(BLIP-style) checkpoints: captioning BLEU/CIDEr (``shuffled/*``), VQA accuracy (``question_only/*``)
+or grounding accuracy and mean IoU (``centre_box/*``), by the dataset they were trained on, and a
+grid of test images with predictions and references (``evaluation/<split>/samples.png``).
 
     python jobs/evaluate.py models:/fmnist-classifier/1 --split test
     python jobs/evaluate.py runs/<run-name>/checkpoint_.../checkpoint --split val
@@ -33,6 +36,7 @@ from pretrainlab.tracking.mlflow import (
 )
 from pretrainlab.train.checkpoint import CheckpointError
 from pretrainlab.train.evaluate import evaluate_checkpoint
+from pretrainlab.train.generation_eval import evaluate_generation_split, generation_samples_figure
 from pretrainlab.train.image_text import evaluate_retrieval_split
 
 
@@ -53,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_mlflow or args.source.startswith(("models:/", "runs:/")):
             check_tracking(tracking_uri)
         loaded = load_model(args.source)
-        if get_strategy(loaded.config.strategy).TASK == "image_text":
+        task = get_strategy(loaded.config.strategy).TASK
+        if task == "image_text":
             evaluation, metrics = None, evaluate_retrieval_split(loaded, args.split, args.data, args.batch_size)
+        elif task == "generation":
+            evaluation, metrics = None, evaluate_generation_split(loaded, args.split, args.data, args.batch_size)
         else:
             evaluation = evaluate_checkpoint(loaded, args.split, args.data, args.batch_size)
             metrics = evaluation.metrics
@@ -78,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         log_evaluation(client, run.info.run_id, evaluation)
     else:
         MetricLogger(client, run.info.run_id).log({f"{args.split}/{k}": v for k, v in metrics.items()}, 0)
+    if task == "generation":
+        figure = generation_samples_figure(loaded, args.split, args.data)
+        client.log_figure(run.info.run_id, figure, f"evaluation/{args.split}/samples.png")
     client.set_terminated(run.info.run_id, "FINISHED")
     print(f"logged to MLflow run {run.info.run_id} (store {tracking_uri})")
     return 0

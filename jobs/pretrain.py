@@ -20,7 +20,10 @@ backbone's features with the train split as the bank (``test/knn_top1_k20``,
 ``test/knn_top1_k200``) and a t-SNE picture of test features (``tsne/tsne_test.png``); for
 image-text strategies, retrieval Recall@1/5/10 both ways on the test split and on the
 compositional test split when there is one (``test/t2i_r1``, ``test_compositional/t2i_r1``, ...),
-next to the shuffled-image baseline (``test/shuffled/t2i_r1``, ...).
+next to the shuffled-image baseline (``test/shuffled/t2i_r1``, ...); for generation strategies,
+the metrics of the task the dataset teaches (captioning BLEU-4 / CIDEr, VQA accuracy, grounding
+accuracy at IoU 0.5) next to its baseline (shuffled images, question only, centre box) on the same
+splits, and a picture of test predictions (``evaluation/test/samples.png``).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from pretrainlab.tracking.mlflow import (
     start_or_resume_run,
 )
 from pretrainlab.train.evaluate import evaluate_checkpoint
+from pretrainlab.train.generation_eval import evaluate_generation_split, generation_samples_figure
 from pretrainlab.train.image_text import evaluate_retrieval_split
 from pretrainlab.train.probe import checkpoint_features, knn_accuracies
 from pretrainlab.train.trainer import EXPERIMENT_ERRORS, build_trainer, check_experiment
@@ -144,6 +148,29 @@ def evaluate_image_text(
     return results["test"]
 
 
+def evaluate_generation(
+    client: MlflowClient, run_id: str, folder: str, data_folder: str, cfg: ExperimentConfig, step: int
+) -> dict[str, float]:
+    """The task's metrics (captioning BLEU / CIDEr, VQA accuracy or grounding accuracy) and its baseline on the
+    test split and, when the dataset has one, the compositional test split, logged as ``<split>/<metric>``; a
+    picture of test samples with predictions and references as ``evaluation/test/samples.png``.
+
+    Returns:
+        The test split's metrics.
+    """
+    loaded = load_model(folder)
+    splits = [split for split in IMAGE_TEXT_TEST_SPLITS if split in load_manifest(data_folder)["splits"]]
+    logger = MetricLogger(client, run_id)
+    results = {}
+    for split in splits:
+        results[split] = evaluate_generation_split(loaded, split, data_folder, cfg.train.eval_batch_size)
+        logger.log({f"{split}/{key}": value for key, value in results[split].items()}, step)
+    figure = generation_samples_figure(loaded, "test", data_folder)
+    client.log_figure(run_id, figure, "evaluation/test/samples.png")
+    plt.close(figure)
+    return results["test"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -193,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         elif task == "image_text":
             recall = evaluate_image_text(client, run_id, folder, data_folder, cfg, step)
             summary = "  ".join(f"{key} {recall[key]:.2f}%" for key in ("t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5"))
+        elif task == "generation":
+            scores = evaluate_generation(client, run_id, folder, data_folder, cfg, step)
+            summary = "  ".join(f"{key} {value:.2f}" for key, value in scores.items() if "/" not in key)
         else:
             evaluation = evaluate_checkpoint(folder, "test", data_folder, cfg.train.eval_batch_size)
             log_evaluation(client, run_id, evaluation, step=step)

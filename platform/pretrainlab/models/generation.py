@@ -79,13 +79,14 @@ def beam_search(
         if allowed is not None:
             scores = scores.masked_fill(~allowed(step).to(scores.device), float("-inf"))
         scores = scores + torch.tensor([total for _, _, total in rows], device=scores.device)[:, None]
+        possible = torch.isfinite(scores).sum(dim=1).tolist()  # tokens each row may continue with
         beams = [[] for _ in prompts]
         for i in range(len(prompts)):
             mine = [r for r, row in enumerate(rows) if row[0] == i]
             if not mine or len(finished[i]) >= num_beams:
                 continue
             flat = scores[mine].flatten()
-            values, indices = flat.topk(min(2 * num_beams, int(torch.isfinite(flat).sum())))
+            values, indices = flat.topk(min(2 * num_beams, sum(possible[r] for r in mine)))
             for rank, (value, index) in enumerate(zip(values.tolist(), indices.tolist(), strict=True)):
                 row, token = mine[index // scores.shape[1]], index % scores.shape[1]
                 seq = rows[row][1]

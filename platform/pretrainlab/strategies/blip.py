@@ -220,7 +220,7 @@ class BLIP(nn.Module):
             return self.token_logits(states[torch.arange(len(ids)), positions]).float().log_softmax(dim=1)
 
         vocab = torch.arange(DECODER_VOCAB_SIZE, device=images.device)
-        text_tokens = (vocab < FIRST_LOCATION_ID) & (vocab != self.start_id)
+        text_tokens = (vocab > 0) & (vocab < FIRST_LOCATION_ID) & (vocab != self.start_id)  # 0 is padding
         location_tokens, end_token = vocab >= FIRST_LOCATION_ID, vocab == self.end_id
 
         def allowed(step: int) -> torch.Tensor:

@@ -8,7 +8,8 @@ One deployment, ``ModelServer``, the FastAPI ingress itself, so a request goes f
 proxy to one replica: auth, body and image checks, JSON errors; models loaded with
 :func:`pretrainlab.get_model`, multiplexed by name; dynamic batching split per model;
 alias watching. Routes: ``POST /v1/classify``, ``POST /v1/embed``, ``POST /v1/retrieve``,
-``GET /v1/models``, ``GET /healthz``.
+``POST /v1/caption``, ``POST /v1/vqa`` (field ``text``: the question), ``POST /v1/ground`` (field
+``text``: the referring expression), ``GET /v1/models``, ``GET /healthz``.
 """
 
 import asyncio
@@ -33,7 +34,7 @@ from ray import serve
 from starlette.datastructures import UploadFile
 
 from serve.errors import ApiError, install_handlers
-from serve.schemas import MAX_TOP_K, ImageRequest, ServeArgs, check_args, describe_error
+from serve.schemas import MAX_TEXT_CHARS, MAX_TOP_K, ImageRequest, ServeArgs, check_args, describe_error
 
 logger = logging.getLogger("ray.serve")
 
@@ -100,6 +101,9 @@ class Served:
     classifier: Any = None
     extractor: Any = None
     retriever: Any = None
+    captioner: Any = None
+    answerer: Any = None
+    grounder: Any = None
     gallery_size: int = 0
     loaded_at: float = field(default_factory=time.time)
 
@@ -125,6 +129,9 @@ class Served:
             "/v1/classify": self.classifier is not None,
             "/v1/embed": self.extractor is not None,
             "/v1/retrieve": self.retriever is not None,
+            "/v1/caption": self.captioner is not None,
+            "/v1/vqa": self.answerer is not None,
+            "/v1/ground": self.grounder is not None,
         }
 
 
@@ -138,13 +145,25 @@ def load_served(
 ) -> Served:
     """Load ``resolved.uri`` with :func:`pretrainlab.get_model` and build its inferencers."""
     import pretrainlab
-    from pretrainlab.inference.inferencers import FeatureExtractor, ImageRetrievalInferencer
+    from pretrainlab.inference.inferencers import (
+        FeatureExtractor,
+        ImageCaptionInferencer,
+        ImageRetrievalInferencer,
+        VisualGroundingInferencer,
+        VisualQuestionAnsweringInferencer,
+    )
 
     model = pretrainlab.get_model(resolved.uri, device=device)
     info = model.info
     served = Served(name, source, resolved, info.task, dict(info.meta), list(info.class_names))
     if info.task == "classification":
         served.classifier = pretrainlab.ImageClassificationInferencer(model)
+    if info.task == "caption":
+        served.captioner = ImageCaptionInferencer(model)
+    if info.task == "vqa":
+        served.answerer = VisualQuestionAnsweringInferencer(model)
+    if info.task == "grounding":
+        served.grounder = VisualGroundingInferencer(model)
     if isinstance(getattr(model, "backbone", None), torch.nn.Module):
         served.extractor = FeatureExtractor(model)
         if gallery:
@@ -175,17 +194,20 @@ def _run_each(function: Any, items: list[Any]) -> list[Any]:
     return results
 
 
-def _classify(served: Served, requests: list[tuple[bytes, int]]) -> list[dict[str, Any]]:
+Item = tuple[bytes, int, str | None]  # image bytes, top_k, text (question or referring expression)
+
+
+def _classify(served: Served, requests: list[Item]) -> list[dict[str, Any]]:
     if served.classifier is None:
         return [{"error": f"{served.name} is a {served.task} model, not a classification model", "status": 400}] * len(
             requests
         )
-    top = max(top_k for _, top_k in requests)
+    top = max(top_k for _, top_k, _ in requests)
     results = _run_each(
         lambda images: served.classifier(images, batch_size=len(images), topk=top), [r[0] for r in requests]
     )
     out = []
-    for result, (_, top_k) in zip(results, requests, strict=True):
+    for result, (_, top_k, _) in zip(results, requests, strict=True):
         if "error" in result:
             out.append(result)
             continue
@@ -201,7 +223,7 @@ def _classify(served: Served, requests: list[tuple[bytes, int]]) -> list[dict[st
     return out
 
 
-def _embed(served: Served, requests: list[tuple[bytes, int]]) -> list[dict[str, Any]]:
+def _embed(served: Served, requests: list[Item]) -> list[dict[str, Any]]:
     if served.extractor is None:
         return [{"error": f"{served.name} has no backbone to embed with", "status": 400}] * len(requests)
     results = _run_each(lambda images: served.extractor(images, batch_size=len(images)), [r[0] for r in requests])
@@ -211,10 +233,10 @@ def _embed(served: Served, requests: list[tuple[bytes, int]]) -> list[dict[str, 
     ]
 
 
-def _retrieve(served: Served, requests: list[tuple[bytes, int]]) -> list[dict[str, Any]]:
+def _retrieve(served: Served, requests: list[Item]) -> list[dict[str, Any]]:
     if served.retriever is None:
         return [{"error": "no retrieval gallery is served (set the gallery argument)", "status": 404}] * len(requests)
-    top = max(top_k for _, top_k in requests)
+    top = max(top_k for _, top_k, _ in requests)
     results = _run_each(
         lambda images: served.retriever(images, batch_size=len(images), topk=top), [r[0] for r in requests]
     )
@@ -222,11 +244,59 @@ def _retrieve(served: Served, requests: list[tuple[bytes, int]]) -> list[dict[st
         result
         if "error" in result
         else {"match_score": result["match_score"][:top_k], "sample_idx": result["sample_idx"][:top_k]}
-        for result, (_, top_k) in zip(results, requests, strict=True)
+        for result, (_, top_k, _) in zip(results, requests, strict=True)
     ]
 
 
-_TASKS = {"classify": _classify, "embed": _embed, "retrieve": _retrieve}
+def _wrong_task(served: Served, requests: list[Item], wanted: str) -> list[dict[str, Any]]:
+    return [{"error": f"{served.name} is a {served.task} model, not a {wanted} model", "status": 400}] * len(requests)
+
+
+def _caption(served: Served, requests: list[Item]) -> list[dict[str, Any]]:
+    if served.captioner is None:
+        return _wrong_task(served, requests, "caption")
+    results = _run_each(lambda images: served.captioner(images, batch_size=len(images)), [r[0] for r in requests])
+    return [r if "error" in r else {"pred_caption": r["pred_caption"], "score": r["score"]} for r in results]
+
+
+def _with_text(function: Any, field_name: str) -> Any:
+    """``function(images, texts)`` over (image, text) items, an item without text answering 422."""
+
+    def run(items: list[tuple[bytes, str | None]]) -> list[dict[str, Any]]:
+        missing = [i for i, (_, text) in enumerate(items) if not text]
+        if missing and len(items) > 1:
+            raise ValueError("an item without text")  # _run_each then answers item by item
+        if missing:
+            return [{"error": f"text: field required (the {field_name})", "status": 422}]
+        return function([image for image, _ in items], [text for _, text in items])
+
+    return run
+
+
+def _vqa(served: Served, requests: list[Item]) -> list[dict[str, Any]]:
+    if served.answerer is None:
+        return _wrong_task(served, requests, "vqa")
+    answer = _with_text(lambda images, texts: served.answerer(images, texts, batch_size=len(images)), "question")
+    results = _run_each(answer, [(image, text) for image, _, text in requests])
+    return [r if "error" in r else {"question": r["question"], "pred_answer": r["pred_answer"]} for r in results]
+
+
+def _ground(served: Served, requests: list[Item]) -> list[dict[str, Any]]:
+    if served.grounder is None:
+        return _wrong_task(served, requests, "grounding")
+    ground = _with_text(lambda images, texts: served.grounder(images, texts, batch_size=len(images)), "expression")
+    results = _run_each(ground, [(image, text) for image, _, text in requests])
+    return [r if "error" in r else {"text": r["text"], "pred_bbox": r["pred_bbox"]} for r in results]
+
+
+_TASKS = {
+    "classify": _classify,
+    "embed": _embed,
+    "retrieve": _retrieve,
+    "caption": _caption,
+    "vqa": _vqa,
+    "ground": _ground,
+}
 
 # --------------------------------------------------------------------------- HTTP
 
@@ -392,18 +462,18 @@ def model_server(args: ServeArgs) -> Any:
                     swapped.append(name)
             return swapped
 
-        async def _run(self, name: str, task: str, image: bytes, top_k: int) -> dict[str, Any]:
+        async def _run(self, name: str, task: str, image: bytes, top_k: int, text: str | None) -> dict[str, Any]:
             await self.slot(name)  # loaded here, so a load neither holds up nor fails a batch of other models
-            return await self._batch((name, task, image, top_k))
+            return await self._batch((name, task, image, top_k, text))
 
         @serve.batch(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s)
-        async def _batch(self, requests: list[tuple[str, str, bytes, int]]) -> list[dict[str, Any]]:
+        async def _batch(self, requests: list[tuple[str, str, bytes, int, str | None]]) -> list[dict[str, Any]]:
             """Requests of any models and tasks, run in one call per (model, task)."""
             results: list[dict[str, Any]] = [{}] * len(requests)
-            for name, task in dict.fromkeys((name, task) for name, task, _, _ in requests):
+            for name, task in dict.fromkeys(request[:2] for request in requests):
                 served = (await self.slot(name)).current
                 rows = [i for i, request in enumerate(requests) if request[:2] == (name, task)]
-                items = [(requests[i][2], requests[i][3]) for i in rows]
+                items = [requests[i][2:] for i in rows]
                 for row, result in zip(rows, await asyncio.to_thread(_TASKS[task], served, items), strict=True):
                     results[row] = {"model": served.name, "version": served.resolved.version, **result}
             return results
@@ -433,8 +503,8 @@ def model_server(args: ServeArgs) -> Any:
                 chunks.append(chunk)
             return b"".join(chunks)
 
-        async def _image_request(self, request: Request) -> tuple[str, bytes, int]:
-            """The model name, image bytes and top_k of a multipart or JSON request."""
+        async def _image_request(self, request: Request) -> tuple[str, bytes, int, str | None]:
+            """The model name, image bytes, top_k and text of a multipart or JSON request."""
             self._authorize(request)
             body = await self._body(request)
             kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -450,7 +520,11 @@ def model_server(args: ServeArgs) -> Any:
                 if not isinstance(upload, UploadFile):
                     raise ApiError(422, "file: must be a file upload, not a text field")
                 image = await upload.read()
-                model, top_k = form.get("model"), parse_top_k(form.get("top_k", 5))
+                model, top_k, text = form.get("model"), parse_top_k(form.get("top_k", 5)), form.get("text")
+                if text is not None and not isinstance(text, str):
+                    raise ApiError(422, "text: must be a text field, not a file upload")
+                if text is not None and len(text) > MAX_TEXT_CHARS:
+                    raise ApiError(422, f"text: {len(text)} characters, over {MAX_TEXT_CHARS}")
             elif kind == "application/json":
                 try:
                     parsed = ImageRequest.model_validate_json(body)
@@ -460,12 +534,12 @@ def model_server(args: ServeArgs) -> Any:
                     image = base64.b64decode(parsed.image_base64, validate=True)
                 except (binascii.Error, ValueError) as err:
                     raise ApiError(422, f"image_base64: invalid base64: {err}") from None
-                model, top_k = parsed.model, parsed.top_k
+                model, top_k, text = parsed.model, parsed.top_k, parsed.text
             else:
                 raise ApiError(415, f"Content-Type {kind or 'missing'}: send multipart/form-data or application/json")
             name = self._model_name(request, model if isinstance(model, str) else None)
             await asyncio.to_thread(check_image, image, self.args.max_image_pixels)
-            return name, image, top_k
+            return name, image, top_k, text
 
         def _model_name(self, request: Request, field_value: str | None) -> str:
             name = field_value or request.headers.get(MODEL_HEADER) or self.names[0]
@@ -474,8 +548,8 @@ def model_server(args: ServeArgs) -> Any:
             return name
 
         async def _task(self, request: Request, task: str) -> dict[str, Any]:
-            name, image, top_k = await self._image_request(request)
-            call = asyncio.ensure_future(self._run(name, task, image, top_k))
+            name, image, top_k, text = await self._image_request(request)
+            call = asyncio.ensure_future(self._run(name, task, image, top_k, text))
             result = await answer_of(call, name, self.args.request_timeout_s)
             if "error" in result:
                 raise ApiError(result.get("status", 422), result["error"])
@@ -495,6 +569,21 @@ def model_server(args: ServeArgs) -> Any:
         async def retrieve(self, request: Request) -> dict[str, Any]:
             """The top-k gallery rows most similar to an image: ``sample_idx`` and ``match_score``."""
             return await self._task(request, "retrieve")
+
+        @app.post("/v1/caption")
+        async def caption(self, request: Request) -> dict[str, Any]:
+            """The caption a caption model writes for an image (beam search)."""
+            return await self._task(request, "caption")
+
+        @app.post("/v1/vqa")
+        async def vqa(self, request: Request) -> dict[str, Any]:
+            """The answer a VQA model gives to the question in field ``text`` about an image."""
+            return await self._task(request, "vqa")
+
+        @app.post("/v1/ground")
+        async def ground(self, request: Request) -> dict[str, Any]:
+            """The box (``pred_bbox``, image pixels) of the object that field ``text`` refers to."""
+            return await self._task(request, "ground")
 
         @app.get("/v1/models")
         async def models(self, request: Request) -> dict[str, Any]:

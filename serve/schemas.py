@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_TOP_K = 100
+MAX_TEXT_CHARS = 1000
 
 
 class AutoscalingArgs(BaseModel):
@@ -64,13 +65,15 @@ class ServeArgs(BaseModel):
 
 
 class ImageRequest(BaseModel):
-    """The JSON body of ``/v1/classify``, ``/v1/embed`` and ``/v1/retrieve``."""
+    """The JSON body of every image route; ``text`` is the question (``/v1/vqa``) or the referring expression
+    (``/v1/ground``)."""
 
     model_config = ConfigDict(extra="forbid")
 
     image_base64: str
     model: str | None = None
     top_k: int = Field(5, ge=1, le=MAX_TOP_K, strict=True)
+    text: str | None = Field(None, max_length=MAX_TEXT_CHARS)
 
 
 def check_args(args: ServeArgs) -> None:

@@ -165,7 +165,7 @@ def run_loop(loop_config: dict[str, Any], session: LoopSession) -> None:
     restored = session.get_checkpoint()
     strategy = get_strategy(cfg.strategy)
     model = strategy.build_model(cfg, info["num_classes"], info["in_chans"], load_init_from=restored is None)
-    channels_last = device.type == "cuda" and uses_convolutions(model)
+    channels_last = device.type == "cuda" and uses_convolutions(model.backbone)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     start_epoch, step, run_id = 0, 0, loop_config["tracking"]["run_id"]

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pretrainlab.config import validate
+from conftest import CONFIGS
+from pretrainlab.config import load_config, validate
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.pipeline import Preprocessor, to_model_inputs
 from pretrainlab.data.scenes import write_scenes
@@ -247,3 +248,13 @@ def test_vqa_rows_become_question_prompts_with_the_answer_taught(scenes):
     prompt = bpe_ids([f"question: {first['question']} answer:"])[0]
     assert out["sequence"][0, 1 : 1 + len(prompt)].tolist() == prompt
     assert detokenize(out["sequence"][0][out["target_mask"][0]], 48) == first["answers"][0]
+
+
+IMAGE_TEXT_CONFIGS = sorted(p.name for p in CONFIGS.glob("*_scenes*.yaml"))
+
+
+@pytest.mark.parametrize("name", IMAGE_TEXT_CONFIGS)
+def test_image_text_configs_load_and_build(name):
+    cfg = load_config(CONFIGS / name)
+    model = get_strategy(cfg.strategy).build_model(cfg, 0, 3)
+    assert cfg.strategy in ("clip", "blip") and hasattr(model, "encode_image")

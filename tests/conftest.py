@@ -26,6 +26,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _gloo_worker(rank: int, world: int, port: int, function, args: tuple, results: dict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results[rank] = function(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def on_gloo_workers(function, *args, world: int = 2) -> list:
+    """``function(rank, world, *args)`` in ``world`` processes joined by a gloo process group on 127.0.0.1 (as Ray
+    Train's CPU workers are); their results in rank order. ``function`` must be defined at a module's top level."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_gloo_worker, args=(world, free_port(), function, args, results), nprocs=world, join=True)
+        return [results[rank] for rank in range(world)]
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
     """A fresh PRETRAINLAB_HOME with its own MLflow sqlite store; data, runs and artifacts land here."""

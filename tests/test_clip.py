@@ -10,12 +10,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import zero_shot as zero_shot_job
 from open_clip.loss import ClipLoss
 
-from conftest import CONFIGS, free_port
+from conftest import CONFIGS, on_gloo_workers
 from pretrainlab.config import load_config, validate
 from pretrainlab.data.dataset import load_split_annotated
 from pretrainlab.data.errors import DatasetError
@@ -143,21 +141,13 @@ def _loss_and_grads(images: torch.Tensor, texts: torch.Tensor, rank: int, world:
     return {"loss": loss.detach(), "image_grad": images.grad, "text_grad": texts.grad}
 
 
-def _worker(rank: int, port: int, results: dict) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        images, texts = (t.chunk(WORLD)[rank] for t in _features())
-        results[rank] = _loss_and_grads(images, texts, rank, WORLD)
-    finally:
-        dist.destroy_process_group()
+def _half_batch(rank: int, world: int) -> dict[str, torch.Tensor]:
+    images, texts = (t.chunk(world)[rank] for t in _features())
+    return _loss_and_grads(images, texts, rank, world)
 
 
 def test_two_workers_match_one_on_the_whole_batch():
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)
-        per_worker = [results[rank] for rank in range(WORLD)]
+    per_worker = on_gloo_workers(_half_batch, world=WORLD)
     single = _loss_and_grads(*_features(), rank=0, world=1)
     torch.testing.assert_close(sum(r["loss"] for r in per_worker) / WORLD, single["loss"])
     for name in ("image_grad", "text_grad"):  # DDP averages gradients over workers

@@ -6,10 +6,8 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import CONFIGS, free_port
+from conftest import CONFIGS, on_gloo_workers
 from pretrainlab.config import ConfigError, load_config, validate
 from pretrainlab.data.transforms import normalize, train_views
 from pretrainlab.strategies import get_strategy
@@ -114,21 +112,13 @@ def _losses_and_grads(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tenso
     return out
 
 
-def _worker(rank: int, port: int, results: dict) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        a, b = (t.chunk(WORLD)[rank] for t in _embeddings())
-        results[rank] = _losses_and_grads(a, b)
-    finally:
-        dist.destroy_process_group()
+def _half_batch(rank: int, world: int) -> dict[str, torch.Tensor]:
+    a, b = (t.chunk(world)[rank] for t in _embeddings())
+    return _losses_and_grads(a, b)
 
 
 def test_two_workers_match_one_on_the_whole_batch():
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)
-        per_worker = [results[rank] for rank in range(WORLD)]
+    per_worker = on_gloo_workers(_half_batch, world=WORLD)
     single = _losses_and_grads(*_embeddings())
     for name in ("nt_xent", "ctr"):  # the training loop logs and DDP averages over workers
         mean = sum(r[name] for r in per_worker) / WORLD

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from timm.layers import DropPath
 
-from conftest import CONFIGS, free_port
+from conftest import CONFIGS, on_gloo_workers
 from pretrainlab.config import ConfigError, load_config, validate
 from pretrainlab.data.transforms import train_views
 from pretrainlab.strategies.dino import (
@@ -187,13 +185,9 @@ def test_fmnist_config_builds_and_runs_on_its_view_shapes():
     assert torch.isfinite(out["loss"])
 
 
-def _half_batch_worker(rank: int, port: int, folder: str) -> None:
-    """One of 2 gloo workers: the loss, gradient and centre update on its half of the fixed batch."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        torch.save(_loss_grad_center(rows=slice(4 * rank, 4 * rank + 4)), Path(folder) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _half_batch(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """One of the workers: the loss, gradient and centre update on its half of the fixed batch."""
+    return _loss_grad_center(rows=slice(4 * rank, 4 * rank + 4))
 
 
 def _loss_grad_center(rows: slice) -> dict[str, torch.Tensor]:
@@ -213,10 +207,8 @@ def _loss_grad_center(rows: slice) -> dict[str, torch.Tensor]:
     return {"loss": mean_loss, "grad": grad, "center": updated_center(center, teacher, 0.9)}
 
 
-def test_two_workers_match_one_on_the_whole_batch(tmp_path):
-    mp.spawn(_half_batch_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_two_workers_match_one_on_the_whole_batch():
     single = _loss_grad_center(rows=slice(0, 8))
-    for rank in range(2):
-        workers = torch.load(tmp_path / f"rank{rank}.pt")
+    for workers in on_gloo_workers(_half_batch):
         for key in ("loss", "grad", "center"):
             torch.testing.assert_close(workers[key], single[key], atol=1e-5, rtol=1e-5)

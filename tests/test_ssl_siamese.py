@@ -7,10 +7,8 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import CONFIGS, free_port
+from conftest import CONFIGS, on_gloo_workers
 from pretrainlab.config import ConfigError, load_config, validate
 from pretrainlab.data.transforms import normalize, train_views
 from pretrainlab.strategies import barlowtwins, byol, get_strategy, simsiam
@@ -185,20 +183,15 @@ def test_barlow_twins_loss_of_anti_correlated_and_swapped_features():
     assert barlowtwins.barlow_twins_loss(swapped, 0.5).item() == pytest.approx(3.0)
 
 
-def _barlow_worker(rank: int, world: int, port: int, z1: torch.Tensor, z2: torch.Tensor, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        rows = slice(rank * len(z1) // world, (rank + 1) * len(z1) // world)
-        a, b = z1[rows].clone().requires_grad_(), z2[rows].clone().requires_grad_()
-        loss = barlowtwins.barlow_twins_loss(barlowtwins.cross_correlation(a, b), 0.05)
-        loss.backward()
-        torch.save({"loss": loss.detach(), "grad1": a.grad, "grad2": b.grad}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _barlow_half_batch(rank: int, world: int, z1: torch.Tensor, z2: torch.Tensor) -> dict[str, torch.Tensor]:
+    rows = slice(rank * len(z1) // world, (rank + 1) * len(z1) // world)
+    a, b = z1[rows].clone().requires_grad_(), z2[rows].clone().requires_grad_()
+    loss = barlowtwins.barlow_twins_loss(barlowtwins.cross_correlation(a, b), 0.05)
+    loss.backward()
+    return {"loss": loss.detach(), "grad1": a.grad, "grad2": b.grad}
 
 
-def test_barlow_twins_on_two_workers_matches_one_worker_on_the_whole_batch(tmp_path):
+def test_barlow_twins_on_two_workers_matches_one_worker_on_the_whole_batch():
     generator = torch.Generator().manual_seed(0)
     z1 = torch.randn(8, 5, generator=generator) * 2 + 1
     z2 = z1 + torch.randn(8, 5, generator=generator)
@@ -206,8 +199,7 @@ def test_barlow_twins_on_two_workers_matches_one_worker_on_the_whole_batch(tmp_p
     loss = barlowtwins.barlow_twins_loss(barlowtwins.cross_correlation(a, b), 0.05)
     loss.backward()
 
-    mp.spawn(_barlow_worker, args=(2, free_port(), z1, z2, str(tmp_path)), nprocs=2)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    results = on_gloo_workers(_barlow_half_batch, z1, z2)
     for rank, result in enumerate(results):
         torch.testing.assert_close(result["loss"], loss.detach())
         rows = slice(rank * 4, (rank + 1) * 4)

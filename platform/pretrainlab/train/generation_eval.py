@@ -34,6 +34,7 @@ from pretrainlab.metrics.vqa import vqa_scores
 from pretrainlab.models.generation import Hypothesis
 from pretrainlab.train.checkpoint import CheckpointError
 from pretrainlab.train.evaluate import eval_batches
+from pretrainlab.train.image_text import evaluate_retrieval
 
 Box = list[float]
 
@@ -268,22 +269,25 @@ def _split_of(loaded: LoadedModel, split: str, data_folder: str | None) -> tuple
     column = _COLUMN[task]
     if column not in annotations:
         raise DatasetError(f"{folder}: has no {column!r} column to evaluate a model trained on {task} rows")
-    return task, images, {column: annotations[column]}
+    return task, images, annotations
 
 
 def evaluate_generation_split(
     loaded: LoadedModel, split: str, data_folder: str | None = None, batch_size: int = 64
 ) -> dict[str, float]:
     """The task's metrics and baseline of a loaded generative checkpoint on ``split`` of its dataset (or of
-    ``data_folder``): captioning on caption and retrieval datasets, VQA, or grounding, by the dataset task
-    the checkpoint was trained on."""
+    ``data_folder``): captioning on caption and retrieval datasets (on retrieval datasets also Recall@K of
+    the contrastive embeddings), VQA, or grounding, by the dataset task the checkpoint was trained on."""
     task, images, annotations = _split_of(loaded, split, data_folder)
     data_cfg = loaded.config.data
     if task == "vqa":
         return evaluate_vqa(loaded.model, images, annotations, data_cfg, batch_size)[0]
     if task == "grounding":
         return evaluate_grounding(loaded.model, images, annotations, data_cfg, batch_size)[0]
-    return evaluate_captioning(loaded.model, images, annotations, data_cfg, batch_size)[0]
+    metrics = evaluate_captioning(loaded.model, images, annotations, data_cfg, batch_size)[0]
+    if task == "retrieval":  # the contrastive embeddings too: Recall@K both ways
+        metrics |= evaluate_retrieval(loaded.model, images, annotations, data_cfg, batch_size)
+    return metrics
 
 
 def generation_samples_figure(

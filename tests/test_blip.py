@@ -144,6 +144,14 @@ def test_greedy_search_takes_the_most_likely_token_each_step_and_length_penalty_
     np.testing.assert_allclose([h.score for h in raw], [math.log(0.45), math.log(0.36)])
 
 
+def test_beam_search_stops_unfinished_hypotheses_at_the_context_length():
+    never_end = torch.tensor([True, True, True, True, False])
+    (ranked,) = beam_search(
+        table_decoder, [[0]], context_length=3, end_id=4, max_new_tokens=10, num_beams=2, allowed=lambda s: never_end
+    )
+    assert [h.tokens for h in ranked] == [(1, 3), (2, 3)] and not any(h.finished for h in ranked)
+
+
 def test_beam_search_keeps_unfinished_hypotheses_after_finished_ones_and_respects_allowed():
     never_end = torch.tensor([True, True, True, True, False])
     (ranked,) = beam_search(

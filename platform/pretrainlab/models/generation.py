@@ -52,8 +52,9 @@ def beam_search(
         prompts: Each input's token ids so far (start token and prompt).
         context_length: Length of the rows passed to ``log_probs``; generation stops there.
         end_id: The token that ends a hypothesis.
-        max_new_tokens: Tokens generated at most per hypothesis (unfinished ones are kept, ranked
-            after finished ones).
+        max_new_tokens: Tokens generated at most per hypothesis. Hypotheses stopped by it or by the
+            context length are kept, unfinished, ranked after finished ones; an input with no possible
+            token at all gets one empty hypothesis of score ``-inf``.
         num_beams: Beams per input; 1 is greedy search.
         length_penalty: Exponent of the length that divides a hypothesis' summed log-probability.
         allowed: Bool mask over the vocabulary for each step; None allows every token.
@@ -66,6 +67,7 @@ def beam_search(
         raise ValueError(f"a prompt of {longest} tokens leaves no room in a context of {context_length}")
     beams: list[list[tuple[tuple[int, ...], float]]] = [[(tuple(p), 0.0)] for p in prompts]
     finished: list[list[Hypothesis]] = [[] for _ in prompts]
+    stopped: list[list[tuple[tuple[int, ...], float]]] = [[] for _ in prompts]
     for step in range(max_new_tokens):
         rows = [(i, seq, total) for i, live in enumerate(beams) for seq, total in live]
         if not rows:
@@ -98,16 +100,20 @@ def beam_search(
                     finished[i].append(Hypothesis(tokens, _normalised(value, generated, length_penalty), True))
                     if len(finished[i]) >= num_beams:
                         break
-                elif len(seq) + 1 < context_length:
+                else:
                     beams[i].append((seq + (token,), value))
                     if len(beams[i]) == num_beams:
                         break
+        for i, live in enumerate(beams):  # a beam that fills the context stops there, unfinished
+            full = [(seq, total) for seq, total in live if len(seq) >= context_length]
+            stopped[i] += full
+            beams[i] = [beam for beam in live if len(beam[0]) < context_length]
     results = []
     for i, prompt in enumerate(prompts):
         unfinished = [
             Hypothesis(seq[len(prompt) :], _normalised(total, len(seq) - len(prompt), length_penalty), False)
-            for seq, total in beams[i]
+            for seq, total in beams[i] + stopped[i]
         ]
         ranked = sorted(finished[i], key=lambda h: -h.score) + sorted(unfinished, key=lambda h: -h.score)
-        results.append(ranked[:num_beams])
+        results.append(ranked[:num_beams] or [Hypothesis((), float("-inf"), False)])
     return results

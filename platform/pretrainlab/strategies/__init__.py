@@ -14,7 +14,9 @@ Each strategy module provides:
 - optionally ``Params``, a :class:`pretrainlab.config.StrategyParams` model of its
   ``strategy_params`` in the config;
 - optionally a model method ``after_step(step, total_steps)`` that the training loop calls
-  on every worker after every optimizer step (momentum encoders, teachers).
+  on every worker after every optimizer step (momentum encoders, teachers);
+- optionally a model attribute ``leaves_parameters_unused = True`` when some batches give no
+  gradient to some trainable parameters (DDP then looks for them every step).
 """
 
 import importlib

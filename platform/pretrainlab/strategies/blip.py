@@ -58,6 +58,8 @@ class BLIP(nn.Module):
     """Image encoder, text transformer, multimodal decoder and matching head; ``forward`` returns the losses."""
 
     init_report: LoadReport | None = None
+    leaves_parameters_unused = True
+    """VQA and grounding rows train the encoder and decoder only, not the contrastive and matching heads."""
 
     def __init__(self, backbone: nn.Module, params: Params, context_length: int) -> None:
         super().__init__()

@@ -47,7 +47,9 @@ class TrainWorkerSession:
         return ray.train.get_checkpoint()
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        return ray.train.torch.prepare_model(model)
+        # a model whose heads some batches leave out (``leaves_parameters_unused``) makes DDP look for them
+        unused = {"find_unused_parameters": True} if getattr(model, "leaves_parameters_unused", False) else {}
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=unused)
 
     def dataset(self, split: str) -> Any:
         return ray.train.get_dataset_shard(split)

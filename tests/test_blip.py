@@ -266,3 +266,11 @@ def test_image_text_configs_load_and_build(name):
     cfg = load_config(CONFIGS / name)
     model = get_strategy(cfg.strategy).build_model(cfg, 0, 3)
     assert cfg.strategy in ("clip", "blip") and hasattr(model, "encode_image")
+
+
+def test_the_zoo_lists_image_text_configs_by_task(project):
+    import pretrainlab
+
+    assert "clip_resnet10t_scenes" in pretrainlab.list_models(task="image_text")
+    # generation models do what their dataset teaches; before the scenes set is generated that is unknown
+    assert "blip-vqa_vit-d6w192-p8_scenes" in pretrainlab.list_models("blip-*", task="generation")

@@ -108,8 +108,8 @@ def test_list_models_names_configs_and_registered_models(zoo):
     assert pretrainlab.list_models("resnet10t_*") == [FMNIST]
     classification = pretrainlab.list_models(task="classification")
     assert "models:/digits-classifier" in classification and "models:/untagged" not in classification
-    with pytest.raises(ValueError, match="unknown task 'caption'; tasks: classification"):
-        pretrainlab.list_models(task="caption")
+    with pytest.raises(ValueError, match="unknown task 'segmentation'; tasks: caption, classification, embedding"):
+        pretrainlab.list_models(task="segmentation")
 
 
 def test_configs_folder_two_configs_with_one_zoo_name(zoo, tmp_path, monkeypatch):
@@ -188,8 +188,8 @@ def test_get_model_errors(zoo):
         pretrainlab.get_model(zoo.trained, pretrained=zoo.scratch)
     with pytest.raises(ValueError, match="models:/nope: no such registered model"):
         pretrainlab.get_model("models:/nope")
-    with pytest.raises(ValueError, match="no inferencer for 'caption' models yet"):
-        inferencer_for("caption")
+    with pytest.raises(ValueError, match="no inferencer for 'segmentation' models yet"):
+        inferencer_for("segmentation")
 
 
 def test_classification_matches_the_evaluation_path(zoo, test_images):

@@ -129,45 +129,30 @@ def evaluate_embedding(
     return metrics
 
 
-def evaluate_image_text(
+def evaluate_test_splits(
     client: MlflowClient, run_id: str, folder: str, data_folder: str, cfg: ExperimentConfig, step: int
 ) -> dict[str, float]:
-    """Retrieval Recall@K of the checkpoint on the test split and, when the dataset has one, the
-    compositional test split, logged as ``<split>/<metric>`` (shuffled-image baseline: ``<split>/shuffled/*``).
+    """An image-text checkpoint on the test split and, when the dataset has one, the compositional test split,
+    logged as ``<split>/<metric>``: retrieval Recall@K (baseline ``<split>/shuffled/*``) for image-text
+    strategies; for generation strategies the task's metrics and baseline (captioning BLEU / CIDEr, VQA or
+    grounding accuracy) and a picture of test predictions and references, ``evaluation/test/samples.png``.
 
     Returns:
         The test split's metrics.
     """
     loaded = load_model(folder)
+    generation = get_strategy(cfg.strategy).TASK == "generation"
+    evaluate_split = evaluate_generation_split if generation else evaluate_retrieval_split
     splits = [split for split in IMAGE_TEXT_TEST_SPLITS if split in load_manifest(data_folder)["splits"]]
     logger = MetricLogger(client, run_id)
     results = {}
     for split in splits:
-        results[split] = evaluate_retrieval_split(loaded, split, data_folder, cfg.train.eval_batch_size)
+        results[split] = evaluate_split(loaded, split, data_folder, cfg.train.eval_batch_size)
         logger.log({f"{split}/{key}": value for key, value in results[split].items()}, step)
-    return results["test"]
-
-
-def evaluate_generation(
-    client: MlflowClient, run_id: str, folder: str, data_folder: str, cfg: ExperimentConfig, step: int
-) -> dict[str, float]:
-    """The task's metrics (captioning BLEU / CIDEr, VQA accuracy or grounding accuracy) and its baseline on the
-    test split and, when the dataset has one, the compositional test split, logged as ``<split>/<metric>``; a
-    picture of test samples with predictions and references as ``evaluation/test/samples.png``.
-
-    Returns:
-        The test split's metrics.
-    """
-    loaded = load_model(folder)
-    splits = [split for split in IMAGE_TEXT_TEST_SPLITS if split in load_manifest(data_folder)["splits"]]
-    logger = MetricLogger(client, run_id)
-    results = {}
-    for split in splits:
-        results[split] = evaluate_generation_split(loaded, split, data_folder, cfg.train.eval_batch_size)
-        logger.log({f"{split}/{key}": value for key, value in results[split].items()}, step)
-    figure = generation_samples_figure(loaded, "test", data_folder)
-    client.log_figure(run_id, figure, "evaluation/test/samples.png")
-    plt.close(figure)
+    if generation:
+        figure = generation_samples_figure(loaded, "test", data_folder)
+        client.log_figure(run_id, figure, "evaluation/test/samples.png")
+        plt.close(figure)
     return results["test"]
 
 
@@ -218,10 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             knn = evaluate_embedding(client, run_id, folder, data_folder, cfg, step)
             summary = "  ".join(f"{key} {value:.2f}%" for key, value in knn.items())
         elif task == "image_text":
-            recall = evaluate_image_text(client, run_id, folder, data_folder, cfg, step)
+            recall = evaluate_test_splits(client, run_id, folder, data_folder, cfg, step)
             summary = "  ".join(f"{key} {recall[key]:.2f}%" for key in ("t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5"))
         elif task == "generation":
-            scores = evaluate_generation(client, run_id, folder, data_folder, cfg, step)
+            scores = evaluate_test_splits(client, run_id, folder, data_folder, cfg, step)
             summary = "  ".join(f"{key} {value:.2f}" for key, value in scores.items() if "/" not in key)
         else:
             evaluation = evaluate_checkpoint(folder, "test", data_folder, cfg.train.eval_batch_size)

@@ -128,13 +128,14 @@ class BLIP(nn.Module):
         text = batch["text"]
         count = len(text)
         image_embeddings = F.normalize(self.visual_proj(pooled), dim=-1)
-        text_embeddings = F.normalize(self.text(text)[0], dim=-1)
+        text_pooled, text_tokens = self.text(text)  # once: the contrastive head and every pair share it
+        text_embeddings = F.normalize(text_pooled, dim=-1)
         rank, world = rank_and_world()
         scale = self.logit_scale.exp()
         itc = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(
             image_embeddings, text_embeddings, scale
         )
-        pair_images, pair_texts = [image_tokens], [text]
+        pair_images, pair_tokens, pair_texts = [image_tokens], [text_tokens], [text]
         if count > 1:  # hard negatives from the batch, drawn by contrastive similarity (the true pair excluded)
             with torch.no_grad():
                 similarity = (image_embeddings @ text_embeddings.T).float() * scale
@@ -143,13 +144,15 @@ class BLIP(nn.Module):
                 negative_image = torch.multinomial(similarity.T.softmax(dim=1), 1).squeeze(1)
                 negative_text = torch.multinomial(similarity.softmax(dim=1), 1).squeeze(1)
             pair_images += [image_tokens[negative_image], image_tokens]
+            pair_tokens += [text_tokens, text_tokens[negative_text]]
             pair_texts += [text, text[negative_text]]
         if "negative_text" in batch:  # the dataset's hard-negative captions (all-zero rows: none)
             has = batch["negative_text"][:, 0] == self.start_id
             pair_images.append(image_tokens[has])
+            pair_tokens.append(self.text(batch["negative_text"][has])[1])
             pair_texts.append(batch["negative_text"][has])
         ids = torch.cat(pair_texts)
-        states = self.decode(torch.cat(pair_images), ids)
+        states = self.decoder(torch.cat(pair_images), torch.cat(pair_tokens))
         labels = torch.zeros(len(ids), dtype=torch.long, device=ids.device)
         labels[:count] = 1
         itm_logits = self.itm_head(self._end_states(states, ids))

@@ -46,14 +46,21 @@ def all_reduce_sums(sums: torch.Tensor) -> torch.Tensor:
     return sums
 
 
+def gather_from_workers(value: Any) -> list[Any]:
+    """Every worker's ``value`` (any picklable object), in rank order (``[value]`` outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, value)
+    return parts
+
+
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Every worker's rows of ``tensor`` (any count per worker), concatenated in rank order (itself outside a
     process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
-    parts: list[torch.Tensor | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, tensor.cpu())
-    return torch.cat(parts)
+    return torch.cat(gather_from_workers(tensor.cpu()))
 
 
 def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:

@@ -12,7 +12,6 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pretrainlab.config import DataConfig
@@ -21,7 +20,8 @@ from pretrainlab.data.dataset import load_split_annotated
 from pretrainlab.data.text import tokenize
 from pretrainlab.inference.loading import LoadedModel
 from pretrainlab.metrics.retrieval import retrieval_recall, text_gallery
-from pretrainlab.train.evaluate import eval_batches, gather_rows
+from pretrainlab.strategies.common import rank_and_world
+from pretrainlab.train.evaluate import eval_batches, gather_from_workers, gather_rows
 
 
 @torch.no_grad()
@@ -52,18 +52,14 @@ def encode_images(
 
 def _gather_objects(items: list) -> list:
     """Every worker's list, concatenated in rank order (``items`` itself outside a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return items
-    parts: list[list | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, items)
-    return [item for part in parts for item in part]
+    return [item for part in gather_from_workers(items) for item in part]
 
 
 def _shared_text_embeddings(
     model: nn.Module, texts: list[str], cfg: DataConfig, batch_size: int, device
 ) -> torch.Tensor:
     """Embeddings of all ``texts``: each worker embeds a contiguous part, the parts are gathered in order."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     if len(texts) < world:  # too few to share
         return encode_texts(model, texts, cfg.context_length, batch_size, device)
     part = np.array_split(np.arange(len(texts)), world)[rank]

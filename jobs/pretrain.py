@@ -38,6 +38,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import yaml
 from mlflow import MlflowClient
+from ray.train import Checkpoint, Result
 
 from pretrainlab.analysis import tsne
 from pretrainlab.analysis.samples import stratified_indices
@@ -59,6 +60,7 @@ from pretrainlab.tracking.mlflow import (
     resolve_tracking_uri,
     start_or_resume_run,
 )
+from pretrainlab.train.checkpoint import CheckpointError, load_checkpoint
 from pretrainlab.train.evaluate import evaluate_checkpoint
 from pretrainlab.train.generation_eval import evaluate_generation_split, generation_samples_figure
 from pretrainlab.train.image_text import evaluate_retrieval_split
@@ -101,6 +103,25 @@ def git_commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def best_good_checkpoint(result: Result, score: str, mode: str) -> tuple[Checkpoint, dict]:
+    """The best kept checkpoint by ``score`` that passes verification, and its metrics; a corrupted one is
+    named and passed over.
+
+    Raises:
+        CheckpointError: None of the kept checkpoints can be loaded.
+    """
+    ranked = sorted(result.best_checkpoints, key=lambda pair: pair[1][score], reverse=mode == "max")
+    for checkpoint, metrics in ranked:
+        try:
+            with checkpoint.as_directory() as folder:
+                load_checkpoint(folder)
+        except CheckpointError as err:
+            print(f"warning: passing over a damaged checkpoint: {err}", flush=True)
+            continue
+        return checkpoint, metrics
+    raise CheckpointError(f"none of the {len(ranked)} kept checkpoints of the run can be loaded")
 
 
 def evaluate_embedding(
@@ -192,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         client.set_terminated(run_id, "FAILED")
         raise
     score = cfg.train.checkpoint.score_metric
-    best = result.get_best_checkpoint(score, cfg.train.checkpoint.score_mode)
-    best_metrics = next(metrics for checkpoint, metrics in result.best_checkpoints if checkpoint.path == best.path)
+    best, best_metrics = best_good_checkpoint(result, score, cfg.train.checkpoint.score_mode)
     # the best epoch's value, so that jobs/promote.py --metric best/val/top1 ranks runs by their checkpoints
     client.log_metric(run_id, f"best/{score}", best_metrics[score])
     step = int(result.metrics["step"])

@@ -91,3 +91,76 @@ def test_meta_records_the_weights_hash(tmp_path):
     _, _, folder = make(tmp_path)
     meta = json.loads((folder / META_FILE).read_text())
     assert len(meta["weights_sha256"]) == 64 and meta["format_version"] == 1
+
+
+def run_folder(tmp_path, epochs: int):
+    """A Ray Train run folder with one checkpoint per epoch, named as Ray names them (oldest first)."""
+    folders = []
+    for epoch in range(1, epochs + 1):
+        weights = {"w": torch.full((2,), float(epoch))}
+        folder = save_checkpoint(
+            tmp_path / f"checkpoint_2026-01-01_00-00-0{epoch}.000000",
+            weights,
+            {"epoch": epoch, "step": 10 * epoch},
+            {"rng": {}},
+        )
+        folders.append(folder)
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's own file beside them
+    return folders
+
+
+def corrupt(folder):
+    data = bytearray((folder / WEIGHTS_FILE).read_bytes())
+    data[-3] ^= 0xFF
+    (folder / WEIGHTS_FILE).write_bytes(bytes(data))
+
+
+def test_resume_falls_back_past_corrupted_and_partial_checkpoints(tmp_path):
+    from ray.train import Checkpoint
+
+    from pretrainlab.train.resume import load_resumable
+
+    first, second, third = run_folder(tmp_path, 3)
+    assert load_resumable(Checkpoint(str(third))).checkpoint.meta["epoch"] == 3
+    corrupt(third)
+    (second / STATE_FILE).unlink()  # a checkpoint without its training state cannot be resumed
+    resumption = load_resumable(Checkpoint(str(third)))
+    assert resumption.checkpoint.meta["epoch"] == 1 and resumption.source == str(first)
+    assert resumption.checkpoint.training_state is not None
+    summary = resumption.summary()
+    assert summary.startswith(f"epoch 1, step 10 from {first} (skipped: {third}/model.safetensors: sha256")
+    assert "sha256 does not match" in summary and "training_state.pt: missing" in summary
+
+
+def test_resume_refuses_when_no_checkpoint_is_good(tmp_path):
+    from ray.train import Checkpoint
+
+    from pretrainlab.train.resume import load_resumable
+
+    folders = run_folder(tmp_path, 2)
+    for folder in folders:
+        corrupt(folder)
+    with pytest.raises(CheckpointError, match="no checkpoint of this run can be resumed") as raised:
+        load_resumable(Checkpoint(str(folders[-1])))
+    assert all(str(folder) in str(raised.value) for folder in folders)
+
+
+def test_the_final_evaluation_passes_over_a_damaged_best_checkpoint(tmp_path, capsys):
+    from pretrain import best_good_checkpoint  # jobs/ is on sys.path through conftest
+    from ray.train import Checkpoint, Result
+
+    folders = run_folder(tmp_path, 3)
+    scores = [{"val/top1": value} for value in (50.0, 90.0, 70.0)]
+    result = Result(
+        metrics=scores[-1],
+        checkpoint=None,
+        error=None,
+        path=str(tmp_path),
+        best_checkpoints=[(Checkpoint(str(f)), s) for f, s in zip(folders, scores, strict=True)],
+    )
+    assert best_good_checkpoint(result, "val/top1", "max")[1] == {"val/top1": 90.0}
+    corrupt(folders[1])
+    checkpoint, metrics = best_good_checkpoint(result, "val/top1", "max")
+    assert checkpoint.path == str(folders[2]) and metrics == {"val/top1": 70.0}
+    assert f"passing over a damaged checkpoint: {folders[1]}" in capsys.readouterr().out
+    assert best_good_checkpoint(result, "val/top1", "min")[1] == {"val/top1": 50.0}

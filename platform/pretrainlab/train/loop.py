@@ -7,8 +7,8 @@ Rank 0 logs to MLflow and writes the checkpoint that every worker reports at the
 each epoch. With ``train.ema`` the moving average is evaluated next to the raw weights;
 the checkpoint's weights are the better of the two by the score metric (``val/*`` are
 their metrics, ``val_raw/*`` and ``val_ema/*`` both), and its training state keeps both.
-On restart the session's checkpoint restores model, EMA, optimizer, scheduler, epoch,
-step and RNG state; the config's learning rate, weight decay and momentum then apply
+On restart the session's checkpoint (or, when it fails verification, the newest good one
+before it) restores model, EMA, optimizer, scheduler, epoch, step and RNG state; the config's learning rate, weight decay and momentum then apply
 again, so a PBT trial that copied another trial's checkpoint trains with its own new
 hyperparameters (the copy is recorded in MLflow).
 """
@@ -31,11 +31,12 @@ from pretrainlab.models.backbones import uses_convolutions
 from pretrainlab.models.interop import LoadReport
 from pretrainlab.strategies import get_strategy
 from pretrainlab.tracking.mlflow import MetricLogger, client_for
-from pretrainlab.train.checkpoint import checkpoint_meta, load_checkpoint, save_checkpoint
+from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.train.evaluate import all_reduce_sums, classification_sums, gather_rows, metrics_from_sums
 from pretrainlab.train.image_text import retrieval_validation
 from pretrainlab.train.knn import knn_top1
 from pretrainlab.train.optim import apply_hyperparameters, build_optimizer, scaled_lr
+from pretrainlab.train.resume import load_resumable
 from pretrainlab.train.schedule import build_scheduler
 from pretrainlab.train.session import LoopSession, TrainWorkerSession
 from pretrainlab.train.steps import Stepper, build_ema, unwrap
@@ -174,8 +175,8 @@ def run_loop(loop_config: dict[str, Any], session: LoopSession) -> None:
         log_init_report(client, run_id, model.init_report)
     ckpt = None
     if restored is not None:
-        with restored.as_directory() as folder:
-            ckpt = load_checkpoint(folder, with_training_state=True)
+        resumption = load_resumable(restored)
+        ckpt = resumption.checkpoint
         model.load_state_dict(ckpt.training_state.get("raw_weights", ckpt.weights))
         start_epoch, step = ckpt.meta["epoch"], ckpt.meta["step"]
 
@@ -190,8 +191,10 @@ def run_loop(loop_config: dict[str, Any], session: LoopSession) -> None:
         stepper.load_state_dict(ckpt.training_state)
         apply_hyperparameters(optimizer, scheduler, cfg.optim, lr)
         torch.set_rng_state(ckpt.training_state["rng"]["torch"])
-        print(f"[rank {rank}] resumed from epoch {start_epoch}, step {step}")
+        print(f"[rank {rank}] resumed from {resumption.summary()}", flush=True)
         source_run = ckpt.meta["mlflow_run_id"]
+        if client is not None:
+            client.set_tag(run_id, "pretrainlab.resumed_from", resumption.summary()[:5000])
         if client is not None and source_run != run_id:  # PBT: this trial copied a better one's checkpoint
             client.set_tag(run_id, "pretrainlab.exploited_from", f"run {source_run} at epoch {start_epoch}")
             MetricLogger(client, run_id).log({"pbt/exploit": 1.0}, step)

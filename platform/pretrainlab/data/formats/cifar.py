@@ -20,7 +20,16 @@ import numpy as np
 from numpy._core.multiarray import _reconstruct
 
 from pretrainlab.data.errors import DatasetError
-from pretrainlab.data.formats.common import BadEntry, BadInput, Entry, Row, Source, check_label, raw_image_fields
+from pretrainlab.data.formats.common import (
+    BadEntry,
+    BadInput,
+    Entry,
+    Row,
+    Source,
+    check_label,
+    check_text,
+    raw_image_fields,
+)
 
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
@@ -104,7 +113,7 @@ def convert_cifar(src: Path, images: Path | None, bad: BadInput) -> Source:
         raise DatasetError(f"{src}: neither batches.meta (CIFAR-10) nor meta (CIFAR-100) is here")
     meta_file, names_key, labels_key, splits = _LAYOUTS[layout]
     meta = src / meta_file
-    names = [_text(name) for name in _value(load_batch(meta), names_key, list, meta)]
+    names = _names(_value(load_batch(meta), names_key, list, meta), names_key, meta)
     entries = []
     for split, files in splits:
         for file in files:
@@ -112,6 +121,8 @@ def convert_cifar(src: Path, images: Path | None, bad: BadInput) -> Source:
             batch = load_batch(path)
             pixels = _pixels(_value(batch, "data", np.ndarray, path), path)
             labels = _value(batch, labels_key, (list, np.ndarray), path)
+            if isinstance(labels, np.ndarray) and labels.ndim != 1:
+                raise DatasetError(f"{path}: {labels_key!r} must be one label per image, got shape {labels.shape}")
             if len(labels) != len(pixels):
                 raise DatasetError(f"{path}: {len(pixels)} images but {len(labels)} {labels_key!r}")
             entries += [
@@ -135,8 +146,18 @@ def _pixels(data: np.ndarray, path: Path) -> np.ndarray:
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planes R, G, B -> H x W x C
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+def _names(values: list[Any], key: str, meta: Path) -> list[str]:
+    """The class names of a meta file: distinct strings (bytes decoded as UTF-8)."""
+    names = []
+    for i, value in enumerate(values):
+        try:
+            names.append(check_text(value.decode("utf-8") if isinstance(value, bytes) else value, "name"))
+        except (AttributeError, UnicodeDecodeError, BadEntry):
+            raise DatasetError(f"{meta}: {key}[{i}] must be a UTF-8 string, got {value!r:.40}") from None
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DatasetError(f"{meta}: {key} must be distinct; repeated: {repeated}")
+    return names
 
 
 def _row(pixels: np.ndarray, labels: list[int], i: int, num_classes: int, meta: Path) -> Row:

@@ -62,7 +62,7 @@ def convert_coco_captions(src: Path, images: Path | None, bad: BadInput) -> Sour
                 continue
             texts = [caption for _, caption in sorted(captions[image_id])]
             source_id = f"{set_name}/{file_name}"
-            load = partial(_row, root / set_name, file_name, texts)
+            load = partial(_row, root, set_name, file_name, texts)
             entries.append(Entry(str(file), f"image_id {image_id}", split_of_set(set_name), source_id, load))
     return Source(entries)
 
@@ -78,5 +78,5 @@ def _image_files(file: Path, images: list, bad: BadInput) -> dict[int, str]:
     return file_names
 
 
-def _row(folder: Path, file_name: str, captions: list[str]) -> Row:
-    return {**read_image(inside(folder, file_name)), "captions": captions}
+def _row(root: Path, set_name: str, file_name: str, captions: list[str]) -> Row:
+    return {**read_image(inside(root, set_name, file_name, field="'file_name'")), "captions": captions}

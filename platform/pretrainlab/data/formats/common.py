@@ -33,7 +33,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _CHANNELS = {"1": 1, "L": 1, "P": 3, "RGB": 3, "YCbCr": 3, "CMYK": 3, "LA": 4, "PA": 4, "RGBA": 4}
 # Pillow format -> image_format; MPO is a camera JPEG with extra frames (the first is decoded).
 _FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg"}
-_SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")  # a part of shard file names
+# Without classes.txt, the classes are "0" .. the largest label; more need a classes.txt.
+MAX_NUMBERED_CLASSES = 100_000
+NUMBERED_CLASSES_FROM = f"the largest label below {MAX_NUMBERED_CLASSES}; more classes need a classes.txt"
 
 Row = dict[str, Any]
 
@@ -115,7 +118,7 @@ def read_image(path: Path) -> Row:
         data = path.read_bytes()
     except FileNotFoundError:
         raise BadEntry(f"image {path}: file not found") from None
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a name that is not a valid path
         raise BadEntry(f"image {path}: cannot read ({e})") from None
     try:
         return image_fields(data)
@@ -167,21 +170,34 @@ def raw_image_fields(pixels: np.ndarray) -> Row:
     }
 
 
-def inside(root: Path, relative: str) -> Path:
-    """``root / relative``, refusing paths that leave ``root``.
+def inside(root: Path, *parts: str, field: str | None = None) -> Path:
+    """``root / parts[0] / parts[1] ...``, refusing paths that leave ``root``, as written or through a link.
 
-    The check is on the path as written (absolute, or ``..`` climbing above ``root``);
-    symbolic links inside ``root`` are followed, so a data folder may link to another disk.
+    Refused: an absolute part, ``..`` climbing above ``root``, and a path that resolves
+    outside ``root`` through a symbolic link (links that stay inside ``root`` are fine, and
+    ``root`` itself may be a link).
+
+    Args:
+        root: the folder the path is relative to (SRC, or ``--images``).
+        parts: the path as the source gives it, e.g. a folder and a file name.
+        field: the annotation field(s) holding the path, named in the error.
 
     Raises:
-        BadEntry: ``relative`` is empty, absolute or escapes ``root``.
+        BadEntry: a part is empty, holds a NUL character, or the path leaves ``root``.
     """
-    if not relative:
-        raise BadEntry("empty image path")
+    relative, named = "/".join(parts), f" (field {field})" if field else ""
+    if not all(parts):
+        raise BadEntry(f"empty image path {relative!r}{named}")
+    if "\x00" in relative:
+        raise BadEntry(f"path {relative!r} holds a NUL character{named}")
     normal = os.path.normpath(relative)
-    if os.path.isabs(normal) or normal == ".." or normal.startswith(".." + os.sep):
-        raise BadEntry(f"path {relative!r} escapes the source folder {root}")
-    return root / normal
+    if any(os.path.isabs(part) for part in parts) or normal == ".." or normal.startswith(".." + os.sep):
+        raise BadEntry(f"path {relative!r} escapes the source folder {root}{named}")
+    path = root / normal
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, real_root]) != real_root:
+        raise BadEntry(f"path {relative!r} escapes the source folder {root} through a symbolic link to {real}{named}")
+    return path
 
 
 def load_json(path: Path) -> Any:
@@ -229,6 +245,22 @@ def get(obj: Any, key: str, kind: type | tuple[type, ...]) -> Any:
     if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, (int, float))):
         names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         raise BadEntry(f"{key!r} must be {names}, got {value!r:.60}")
+    if isinstance(value, str):
+        check_text(value, repr(key))
+    return value
+
+
+def check_text(value: str, what: str) -> str:
+    """Returns ``value`` when it can be stored as UTF-8 (JSON strings and file names may hold
+    lone surrogates, which cannot).
+
+    Raises:
+        BadEntry: naming ``what`` (e.g. ``'caption'``).
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadEntry(f"{what} holds a character that is not valid Unicode text: {value!r:.60}") from None
     return value
 
 
@@ -250,13 +282,13 @@ def split_of_set(set_name: str) -> str:
 
 
 def check_split(split: str) -> str:
-    """Returns ``split`` when it is a valid split name (letters, digits, ``_``).
+    """Returns ``split`` when it is a valid split name (1-64 letters, digits, ``_``).
 
     Raises:
         BadEntry: otherwise.
     """
     if not _SPLIT_NAME.fullmatch(split):
-        raise BadEntry(f"split {split!r} is not a valid split name (letters, digits and '_')")
+        raise BadEntry(f"split {split!r:.80} is not a valid split name (at most 64 letters, digits and '_')")
     return split
 
 
@@ -277,6 +309,15 @@ def class_names_file(folder: Path) -> list[str] | None:
     if repeated:
         raise DatasetError(f"{path}: class names must be distinct; repeated: {repeated}")
     return names
+
+
+def numbered_classes(largest: int) -> tuple[list[str], str]:
+    """Class names ``"0" .. str(largest)`` for a source without ``classes.txt``, and where they come from.
+
+    ``largest`` is the largest label below ``MAX_NUMBERED_CLASSES``; larger labels are then
+    out of range (bad entries) rather than a list of billions of names.
+    """
+    return [str(i) for i in range(largest + 1)], NUMBERED_CLASSES_FROM
 
 
 def check_label(label: int, num_classes: int, classes_from: str) -> int:

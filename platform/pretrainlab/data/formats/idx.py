@@ -2,7 +2,8 @@
 
 ``SRC`` is the folder holding the pairs; prefix ``t10k`` is split ``test``, any other
 prefix (``train``) is its own split. Images are stored raw (uint8 H x W x 1). Class
-names come from ``SRC/classes.txt`` when present, else ``"0" .. str(max label)``.
+names come from ``SRC/classes.txt`` when present, else ``"0" .. str(max label)`` (labels
+up to 99,999; larger ones are bad entries).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import numpy as np
 
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.formats.common import (
+    MAX_NUMBERED_CLASSES,
     BadInput,
     Entry,
     Row,
     Source,
     check_label,
     class_names_file,
+    numbered_classes,
     raw_image_fields,
 )
 from pretrainlab.data.idx import read_idx
@@ -51,8 +54,9 @@ def convert_idx(src: Path, images: Path | None, bad: BadInput) -> Source:
     names = class_names_file(src)
     classes_from = str(src / "classes.txt")
     if names is None:
-        names = [str(i) for i in range(max(int(labels.max(initial=0)) for *_, labels in parts) + 1)]
-        classes_from = "the largest label"
+        names, classes_from = numbered_classes(
+            max(int(labels[labels < MAX_NUMBERED_CLASSES].max(initial=0)) for *_, labels in parts)
+        )
     entries = []
     for split, images_file, pixels, labels in parts:
         entries += [

@@ -4,7 +4,7 @@ The layout has split folders when any folder in ``SRC`` holds a folder. Class na
 the class folder names of all splits, sorted; a split may lack some classes. Image bytes
 are kept as they are. Hidden files and folders (name starting with ``.``) are ignored;
 any other file that is not a ``.png``/``.jpg``/``.jpeg`` image inside a class folder is
-a bad entry.
+a bad entry, and so is a file that a symbolic link leads to outside ``SRC``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from pretrainlab.data.formats.common import (
     Entry,
     Row,
     Source,
+    check_text,
     image_fields,
+    inside,
 )
 
 
@@ -54,7 +56,7 @@ def convert_imagefolder(src: Path, images: Path | None, bad: BadInput) -> Source
             for path in _visible(child):
                 source_id = path.relative_to(src).as_posix()
                 if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                    load = partial(_row, path, class_names.index(child.name))
+                    load = partial(_row, src, source_id, class_names.index(child.name))
                     entries.append(Entry(str(path), "", split, source_id, load))
                 else:
                     bad.report(path, "", f"not a {'/'.join(IMAGE_SUFFIXES)} file")
@@ -65,7 +67,9 @@ def _visible(folder: Path, dirs: bool = False) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (p.is_dir() or not dirs))
 
 
-def _row(path: Path, label: int) -> Row:
+def _row(src: Path, relative: str, label: int) -> Row:
+    check_text(relative, "the path")
+    path = inside(src, relative)
     try:
         data = path.read_bytes()
     except OSError as e:

@@ -49,17 +49,17 @@ def convert_karpathy(src: Path, images: Path | None, bad: BadInput) -> Source:
     for i, image in enumerate(json_list(load_json(file), "images", file)):
         with bad.entry(file, f"images[{i}]"):
             name = get(image, "filename", str)
-            relative = f"{get(image, 'filepath', str)}/{name}" if "filepath" in image else name
+            parts = (get(image, "filepath", str), name) if "filepath" in image else (name,)
             split = get(image, "split", str)
             if split not in SPLITS:
                 raise BadEntry(f"split {split!r} is not one of {', '.join(SPLITS)}")
             captions = [text(sentence, "raw") for sentence in get(image, "sentences", list)]
             if not captions:
-                raise BadEntry(f"{relative}: no sentences")
-            found.append((SPLITS[split], relative, i, captions))
+                raise BadEntry(f"{'/'.join(parts)}: no sentences")
+            found.append((SPLITS[split], "/".join(parts), i, parts, captions))
     entries = [
-        Entry(str(file), f"images[{i}]", split, relative, partial(_row, root, relative, captions))
-        for split, relative, i, captions in sorted(found)
+        Entry(str(file), f"images[{i}]", split, relative, partial(_row, root, parts, captions))
+        for split, relative, i, parts, captions in sorted(found)
     ]
     return Source(entries)
 
@@ -73,5 +73,6 @@ def _json_file(src: Path) -> Path:
     return found[0]
 
 
-def _row(root: Path, relative: str, captions: list[str]) -> Row:
-    return {**read_image(inside(root, relative)), "captions": captions, "negatives": []}
+def _row(root: Path, parts: tuple[str, ...], captions: list[str]) -> Row:
+    field = "'filepath' + 'filename'" if len(parts) == 2 else "'filename'"
+    return {**read_image(inside(root, *parts, field=field)), "captions": captions, "negatives": []}

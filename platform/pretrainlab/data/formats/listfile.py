@@ -2,10 +2,11 @@
 
 ``SRC`` is one list file (split ``train``; ``--split`` renames it) or a folder of list
 files, one per split, named ``<split>.txt`` (``classes.txt`` excluded). Paths are
-relative to the list file's folder and may not contain spaces; blank lines and lines
-starting with ``#`` are ignored. A line without a label is an unlabelled image (null
-label). Class names come from ``classes.txt`` next to the list files (one per line), or
-else are ``"0" .. str(max label)``.
+relative to the list file's folder, may not leave it (as written or through a symbolic
+link) and may not contain spaces; blank lines and lines starting with ``#`` are ignored.
+A line without a label is an unlabelled image (null label). Class names come from
+``classes.txt`` next to the list files (one per line), or else are ``"0" .. str(max
+label)`` (labels up to 99,999; larger ones are bad entries).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.formats.common import (
+    MAX_NUMBERED_CLASSES,
     BadEntry,
     BadInput,
     Entry,
@@ -24,6 +26,7 @@ from pretrainlab.data.formats.common import (
     check_label,
     class_names_file,
     inside,
+    numbered_classes,
     read_image,
 )
 
@@ -62,8 +65,8 @@ def convert_listfile(src: Path, images: Path | None, bad: BadInput) -> Source:
     lines = [line for file in files for line in _parse(file, "train" if src.is_file() else file.stem, bad)]
     names = class_names_file(folder)
     if names is None:
-        top = max((line.label for line in lines if line.label is not None), default=-1)
-        names, classes_from = [str(i) for i in range(top + 1)], "the largest label"
+        labels = (line.label for line in lines if line.label is not None and line.label < MAX_NUMBERED_CLASSES)
+        names, classes_from = numbered_classes(max(labels, default=-1))
     else:
         classes_from = str(folder / "classes.txt")
     entries = [

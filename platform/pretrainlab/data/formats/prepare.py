@@ -25,7 +25,7 @@ from pretrainlab.data.formats.resize import resize_row
 from pretrainlab.data.shards import SCHEMAS, write_dataset
 
 SKIPPED_FILE = "skipped.jsonl"
-_SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")  # a part of shard file names
 
 Progress = Callable[[list[Entry]], Iterable[Entry]]
 
@@ -155,7 +155,7 @@ def _check_splits(entries: list[Entry], split: str | None, src: Path) -> None:
     named = {split: "--split"} if split is not None else {n: f"{e.file} ({e.key})" for n, e in first.items()}
     for name, where in named.items():
         if not _SPLIT_NAME.fullmatch(name):
-            raise DatasetError(f"{where}: split {name!r} may only hold letters, digits and '_'")
+            raise DatasetError(f"{where}: split {name!r:.80} may only hold letters, digits and '_' (at most 64)")
 
 
 def _table(rows: list[Row], schema: pa.Schema, seed: int) -> pa.Table:

@@ -99,7 +99,7 @@ def _ref(
         raise BadEntry(f"image_id {image_id} is not in instances.json")
     get(image_info[image_id], "file_name", str)  # checked here, read when the row loads
     category_id = ref.get("category_id", annotation.get("category_id"))
-    if category_id is not None and category_id not in categories:
+    if category_id is not None and (type(category_id) is not int or category_id not in categories):
         raise BadEntry(f"category_id {category_id!r} is not in instances.json's categories")
     expressions = [text(sentence, "sent") for sentence in get(ref, "sentences", list)]
     if not expressions:
@@ -140,17 +140,29 @@ def _by_id(file: Path, data: Any, key: str, bad: BadInput) -> dict[int, dict[str
 def _box(bbox: list, image: dict[str, Any]) -> list[float]:
     """COCO ``x, y, w, h`` -> ``x1, y1, x2, y2`` inside the image (clipped within ``BOX_TOLERANCE``)."""
     width, height = get(image, "width", int), get(image, "height", int)
-    if len(bbox) != 4 or not all(isinstance(v, int | float) and math.isfinite(v) for v in bbox):
+    if not (0 < width < 2**31 and 0 < height < 2**31):
+        raise BadEntry(f"image size {str(width):.20}x{str(height):.20} in instances.json is not a positive size")
+    if len(bbox) != 4 or not all(_finite(v) for v in bbox):
         raise BadEntry(f"bbox must be 4 finite numbers x, y, w, h, got {bbox!r:.80}")
-    x, y, w, h = bbox
+    x, y, w, h = (float(v) for v in bbox)
     x1, y1, x2, y2 = x, y, x + w, y + h
     if w <= 0 or h <= 0 or min(x1, y1) < -BOX_TOLERANCE or x2 > width + BOX_TOLERANCE or y2 > height + BOX_TOLERANCE:
         raise BadEntry(f"bbox {bbox} is empty or outside the {width}x{height} image")
     return [max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))]
 
 
+def _finite(value: Any) -> bool:
+    """A JSON number that is a finite float (not a bool, not an integer too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _row(root: Path, image: dict[str, Any], refs: list[Row]) -> Row:
-    fields = read_image(inside(root, image["file_name"]))
+    fields = read_image(inside(root, image["file_name"], field="'file_name'"))
     if (fields["width"], fields["height"]) != (image["width"], image["height"]):
         raise BadEntry(
             f"image is {fields['width']}x{fields['height']}, instances.json says {image['width']}x{image['height']}"

@@ -25,6 +25,7 @@ from pretrainlab.data.formats.common import (
     annotation_files,
     default_image_root,
     get,
+    inside,
     json_list,
     load_json,
     read_image,
@@ -74,7 +75,7 @@ def convert_vqav2(src: Path, images: Path | None, bad: BadInput) -> Source:
         for image_id, questions in sorted(by_image.items()):
             name = f"COCO_{subtype}_{image_id:012d}.jpg"
             questions.sort(key=lambda q: int(q["question_id"]))
-            load = partial(_row, root / subtype / name, questions)
+            load = partial(_row, root, subtype, name, questions)
             entries.append(Entry(str(file), f"image_id {image_id}", split_of_set(subtype), f"{subtype}/{name}", load))
     return Source(entries)
 
@@ -98,11 +99,11 @@ def _answers(file: Path, data: Any, bad: BadInput) -> dict[int, dict[str, Any]]:
             if not texts:
                 raise BadEntry(f"question_id {question_id}: 'answers' is empty")
             question_type = annotation.get("question_type")
-            if question_type is not None and not isinstance(question_type, str):
-                raise BadEntry(f"'question_type' must be a string, got {question_type!r:.40}")
+            if question_type is not None:
+                question_type = get(annotation, "question_type", str)
             answers[question_id] = {"answers": texts, "question_type": question_type}
     return answers
 
 
-def _row(path: Path, questions: list[dict[str, Any]]) -> Row:
-    return {**read_image(path), "questions": questions}
+def _row(root: Path, subtype: str, name: str, questions: list[dict[str, Any]]) -> Row:
+    return {**read_image(inside(root, subtype, name, field="'image_id'")), "questions": questions}

@@ -4,10 +4,11 @@
 
     serve run serve/config.yaml                       # from the repository root
 
-One deployment, ``ModelServer``, the FastAPI ingress itself, so a request goes from Serve's
-proxy to one replica: auth, body and image checks, JSON errors; models loaded with
-:func:`pretrainlab.get_model`, multiplexed by name; dynamic batching split per model;
-alias watching. Routes: ``POST /v1/classify``, ``POST /v1/embed``, ``POST /v1/retrieve``,
+Two deployments. ``Ingress``, the FastAPI app: auth, body and image checks, JSON errors, request
+timeouts; a call whose model replica dies is sent once more to another replica. ``ModelServer``:
+models loaded with :func:`pretrainlab.get_model`, multiplexed by name (the ingress routes each
+request to a replica holding its model); dynamic batching split per model; alias watching.
+Routes: ``POST /v1/classify``, ``POST /v1/embed``, ``POST /v1/retrieve``,
 ``POST /v1/caption``, ``POST /v1/vqa`` (field ``text``: the question), ``POST /v1/ground`` (field
 ``text``: the referring expression), ``GET /v1/models``, ``GET /healthz``.
 """
@@ -31,6 +32,9 @@ from fastapi import FastAPI, Request
 from PIL import Image
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 
 from serve.errors import ApiError, install_handlers
@@ -39,6 +43,7 @@ from serve.schemas import MAX_TEXT_CHARS, MAX_TOP_K, ImageRequest, ServeArgs, ch
 logger = logging.getLogger("ray.serve")
 
 MODEL_HEADER = "serve_multiplexed_model_id"
+REPLICA_ATTEMPTS = 2  # a call whose replica dies goes once more to another
 _ALIAS_URI = re.compile(r"models:/([^/@]+)@([\w-]+)")
 _VERSION_URI = re.compile(r"models:/([^/@]+)/(\d+)")
 _BARE_URI = re.compile(r"models:/([^/@]+)/?")
@@ -362,8 +367,12 @@ async def _result(response: Any) -> Any:
     return await response
 
 
+class ReplicaLost(Exception):
+    """The replica running a call died or became unreachable before it answered."""
+
+
 async def answer_of(response: Any, name: str, timeout_s: float) -> Any:
-    """The result of a model call, its failures as :class:`ApiError` (503 or 504).
+    """The result of a model call, its failures as :class:`ApiError` (503 or 504) or :class:`ReplicaLost`.
 
     Args:
         response: The call, as a task (anything awaitable with ``cancel()``).
@@ -374,7 +383,15 @@ async def answer_of(response: Any, name: str, timeout_s: float) -> Any:
         return await asyncio.wait_for(_result(response), timeout_s)
     except TimeoutError:
         response.cancel()
-        raise ApiError(504, f"model {name!r}: no answer within request_timeout_s {timeout_s}") from None
+        raise ApiError(504, f"model {name!r}: no answer within request_timeout_s {timeout_s:.3g}") from None
+    except BackPressureError:
+        raise ApiError(
+            503,
+            f"model {name!r}: every replica is busy and its queue full (max_queued_requests); retry",
+            {"Retry-After": "1"},
+        ) from None
+    except RayActorError as err:
+        raise ReplicaLost(f"{type(err).__name__}: {err}") from None
     except Exception as err:  # the model failed to load, or a bug: name it rather than a bare 500
         logger.error("model %r: %s", name, err)
         raise ApiError(503, f"model {name!r} is unavailable: {type(err).__name__}: {err}") from None
@@ -382,20 +399,14 @@ async def answer_of(response: Any, name: str, timeout_s: float) -> Any:
 
 def model_server(args: ServeArgs) -> Any:
     """The ``ModelServer`` deployment class, with ``args``' multiplexing and batching limits."""
-    # No /docs or /openapi.json: they would sit outside the bearer token, and the routes read their bodies themselves.
-    app = FastAPI(title="PretrainLab Serve", docs_url=None, redoc_url=None, openapi_url=None)
-    install_handlers(app)
 
     @serve.deployment(name="ModelServer")
-    @serve.ingress(app)
     class ModelServer:
-        """The HTTP ingress and the models: auth, body and image checks, models loaded by name
-        (multiplexed), requests batched and run per model, moved aliases swapped in."""
+        """The models: loaded by name (multiplexed), requests batched and run per model, moved aliases
+        swapped in."""
 
         def __init__(self, settings: dict[str, Any]) -> None:
             self.args = ServeArgs.model_validate(settings)
-            self.token = read_token(self.args)
-            self.names = list(self.args.models)
             if self.args.torch_threads:
                 torch.set_num_threads(self.args.torch_threads)
             Image.MAX_IMAGE_PIXELS = self.args.max_image_pixels
@@ -403,8 +414,6 @@ def model_server(args: ServeArgs) -> Any:
             self.slots: weakref.WeakValueDictionary[str, Slot] = weakref.WeakValueDictionary()
             self.watcher: asyncio.Task | None = None
             self.swap_lock = asyncio.Lock()
-
-        # ------------------------------------------------------------------ models
 
         async def reconfigure(self, config: dict[str, Any]) -> None:
             """``user_config``: ``alias_check_interval_s``; any change also re-resolves aliases now."""
@@ -462,9 +471,15 @@ def model_server(args: ServeArgs) -> Any:
                     swapped.append(name)
             return swapped
 
-        async def _run(self, name: str, task: str, image: bytes, top_k: int, text: str | None) -> dict[str, Any]:
+        async def run(self, task: str, image: bytes, top_k: int, text: str | None) -> dict[str, Any]:
+            """One request for the model the call is multiplexed to: its result, or ``{"error", "status"}``."""
+            name = serve.get_multiplexed_model_id()
             await self.slot(name)  # loaded here, so a load neither holds up nor fails a batch of other models
             return await self._batch((name, task, image, top_k, text))
+
+        async def describe(self) -> dict[str, Any]:
+            """What :meth:`Served.describe` says of the model the call is multiplexed to."""
+            return (await self.slot(serve.get_multiplexed_model_id())).current.describe()
 
         @serve.batch(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s)
         async def _batch(self, requests: list[tuple[str, str, bytes, int, str | None]]) -> list[dict[str, Any]]:
@@ -478,7 +493,27 @@ def model_server(args: ServeArgs) -> Any:
                     results[row] = {"model": served.name, "version": served.resolved.version, **result}
             return results
 
-        # ------------------------------------------------------------------ HTTP
+    return ModelServer
+
+
+def ingress(args: ServeArgs) -> Any:
+    """The ``Ingress`` deployment class: the FastAPI app in front of the ``ModelServer`` replicas."""
+    # No /docs or /openapi.json: they would sit outside the bearer token, and the routes read their bodies themselves.
+    app = FastAPI(title="PretrainLab Serve", docs_url=None, redoc_url=None, openapi_url=None)
+    install_handlers(app)
+
+    @serve.deployment(name="Ingress")
+    @serve.ingress(app)
+    class Ingress:
+        """Auth, body and image checks and JSON errors; each request goes to a ``ModelServer`` replica holding
+        its model, once more to another when that replica is lost mid-call."""
+
+        def __init__(self, settings: dict[str, Any], models: DeploymentHandle) -> None:
+            self.args = ServeArgs.model_validate(settings)
+            self.token = read_token(self.args)
+            self.names = list(self.args.models)
+            self.models = models
+            Image.MAX_IMAGE_PIXELS = self.args.max_image_pixels
 
         def _authorize(self, request: Request) -> None:
             if self.token is None:
@@ -547,10 +582,22 @@ def model_server(args: ServeArgs) -> Any:
                 raise ApiError(404, f"model {name!r} is not served; served: {', '.join(self.names)}")
             return name
 
+        async def _call(self, name: str, method: str, *call_args: Any) -> Any:
+            """``ModelServer.<method>(*call_args)`` on a replica holding model ``name``, within request_timeout_s."""
+            handle = getattr(self.models.options(multiplexed_model_id=name), method)
+            deadline = time.monotonic() + self.args.request_timeout_s
+            for attempt in range(1, REPLICA_ATTEMPTS + 1):
+                try:
+                    return await answer_of(handle.remote(*call_args), name, max(deadline - time.monotonic(), 0.01))
+                except ReplicaLost as lost:
+                    logger.warning("model %r: attempt %d of %d: %s", name, attempt, REPLICA_ATTEMPTS, lost)
+            raise ApiError(
+                503, f"model {name!r}: the replicas serving it were lost mid-request; retry", {"Retry-After": "1"}
+            )
+
         async def _task(self, request: Request, task: str) -> dict[str, Any]:
             name, image, top_k, text = await self._image_request(request)
-            call = asyncio.ensure_future(self._run(name, task, image, top_k, text))
-            result = await answer_of(call, name, self.args.request_timeout_s)
+            result = await self._call(name, "run", task, image, top_k, text)
             if "error" in result:
                 raise ApiError(result.get("status", 422), result["error"])
             return result
@@ -592,8 +639,7 @@ def model_server(args: ServeArgs) -> Any:
             described = []
             for name in self.names:
                 try:
-                    slot = await answer_of(asyncio.ensure_future(self.slot(name)), name, self.args.request_timeout_s)
-                    described.append(slot.current.describe())
+                    described.append(await self._call(name, "describe"))
                 except ApiError as err:  # listed with why it cannot answer
                     described.append({"name": name, "source": self.args.models[name], "error": err.message})
             return {"default": self.names[0], "models": described}
@@ -602,21 +648,43 @@ def model_server(args: ServeArgs) -> Any:
         async def healthz(self) -> dict[str, Any]:
             return {"status": "ok", "models": self.names}
 
-    return ModelServer
+    return Ingress
 
 
 def build_app(args: ServeArgs) -> serve.Application:
-    """The application: one ``ModelServer`` deployment, the HTTP ingress, sized by ``args``."""
+    """The application: the ``Ingress`` deployment in front of the ``ModelServer`` deployment, sized by ``args``.
+
+    ``max_ongoing_requests``, ``max_queued_requests``, ``num_cpus``, ``num_gpus`` and the user config are the
+    model servers'; the ingress holds the requests they can take and queue (twice over), on no CPU of its own.
+    Both scale by ``autoscaling`` (or ``num_replicas``).
+    """
     check_args(args)
     read_token(args)  # fail at deploy time, not on the first request
-    options: dict[str, Any] = {
-        "max_ongoing_requests": args.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
-        "max_queued_requests": args.max_queued_requests,
-        "user_config": {"alias_check_interval_s": args.alias_check_interval_s},
-    }
-    if args.autoscaling is not None:
-        options["autoscaling_config"] = args.autoscaling.model_dump()
-    else:
-        options["num_replicas"] = args.num_replicas
-    return model_server(args).options(**options).bind(args.model_dump())
+    scale: dict[str, Any] = (
+        {"autoscaling_config": args.autoscaling.model_dump()}
+        if args.autoscaling is not None
+        else {"num_replicas": args.num_replicas}
+    )
+    settings = args.model_dump()
+    models = (
+        model_server(args)
+        .options(
+            max_ongoing_requests=args.max_ongoing_requests,
+            max_queued_requests=args.max_queued_requests,
+            ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+            user_config={"alias_check_interval_s": args.alias_check_interval_s},
+            **scale,
+        )
+        .bind(settings)
+    )
+    capacity = 2 * (args.max_ongoing_requests + max(args.max_queued_requests, 0))
+    return (
+        ingress(args)
+        .options(
+            max_ongoing_requests=capacity,
+            max_queued_requests=args.max_queued_requests,
+            ray_actor_options={"num_cpus": 0},
+            **scale,
+        )
+        .bind(settings, models)
+    )

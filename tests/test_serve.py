@@ -371,9 +371,9 @@ def test_a_model_that_cannot_load_answers_503(served, digits_test):
 
 
 def test_a_full_queue_answers_503(served, digits_test):
-    """The open app takes 2 requests at a time and queues 1: a burst of 24 gets some 503s, no 5xx else.
-
-    Serve's proxy answers those 503s itself (plain text naming ``max_queued_requests``), before the app.
+    """The open app's model replica takes 2 requests at a time and queues 1: a burst of 24 gets some 503s,
+    no 5xx else. The ingress answers them as JSON, or Serve's proxy as plain text past what the ingress
+    holds; both name ``max_queued_requests``.
     """
     image = {"image_base64": b64(png(digits_test[0][0]))}
 

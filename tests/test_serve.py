@@ -237,6 +237,7 @@ def bad_requests(image: bytes) -> list[tuple[str, dict, int, str]]:
         ("/v1/classify", {"json": {"top_k": 3}}, 422, "image_base64"),
         ("/v1/embed", {"files": {"other": ("a.png", image)}}, 422, "file"),
         ("/v1/classify", {"json": {"image_base64": b64(image), "model": "nope"}}, 404, "digits, pinned, missing"),
+        ("/v1/classify", {"json": {"image_base64": b64(image), "model": "../trained"}}, 404, "is not served"),
         (
             "/v1/classify",
             {"json": {"image_base64": b64(image)}, "headers": {"serve_multiplexed_model_id": "x"}},
@@ -288,18 +289,23 @@ bodies = st.one_of(
     json_values,
     st.fixed_dictionaries(
         {"image_base64": base64ish},
-        optional={"model": st.one_of(st.text(max_size=10), st.just("pinned"), json_values), "top_k": json_values},
+        optional={
+            "model": st.one_of(st.text(max_size=10), st.just("pinned"), json_values),
+            "top_k": json_values,
+            "text": st.one_of(st.text(max_size=30), st.text(min_size=1001, max_size=1010), json_values),
+        },
     ),
 )
 
 
+IMAGE_ROUTES = ["/v1/classify", "/v1/embed", "/v1/retrieve", "/v1/caption", "/v1/vqa", "/v1/ground"]
 FUZZ = settings(
     max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
 
 @FUZZ
-@given(path=st.sampled_from(["/v1/classify", "/v1/embed", "/v1/retrieve"]), body=bodies)
+@given(path=st.sampled_from(IMAGE_ROUTES), body=bodies)
 def test_fuzzed_json_bodies_never_get_5xx(served, path, body):
     answer = served.http.post(path, json=body, headers=AUTH)
     assert answer.status_code < 500, (body, answer.text)
@@ -308,7 +314,7 @@ def test_fuzzed_json_bodies_never_get_5xx(served, path, body):
 
 
 @FUZZ
-@given(path=st.sampled_from(["/v1/classify", "/v1/embed", "/v1/retrieve"]), raw=st.binary(max_size=200))
+@given(path=st.sampled_from(IMAGE_ROUTES), raw=st.binary(max_size=200))
 def test_fuzzed_raw_json_bodies_never_get_5xx(served, path, raw):
     answer = served.http.post(path, content=raw, headers={**AUTH, "content-type": "application/json"})
     assert answer.status_code < 500, (raw, answer.text)
@@ -317,8 +323,10 @@ def test_fuzzed_raw_json_bodies_never_get_5xx(served, path, raw):
 
 @FUZZ
 @given(
-    path=st.sampled_from(["/v1/classify", "/v1/embed", "/v1/retrieve"]),
-    fields=st.dictionaries(st.sampled_from(["model", "top_k", "file", "other"]), st.text(max_size=12), max_size=3),
+    path=st.sampled_from(IMAGE_ROUTES),
+    fields=st.dictionaries(
+        st.sampled_from(["model", "top_k", "file", "text", "other"]), st.text(max_size=12), max_size=4
+    ),
     upload=st.one_of(st.none(), st.binary(max_size=80)),
 )
 def test_fuzzed_multipart_fields_never_get_5xx(served, path, fields, upload):

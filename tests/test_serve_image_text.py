@@ -12,6 +12,8 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import REPO, free_port
@@ -124,3 +126,31 @@ def test_models_lists_each_models_routes(served):
     assert listed["captioner"]["task"] == "caption" and "/v1/caption" in listed["captioner"]["routes"]
     assert listed["answerer"]["routes"] == ["/v1/embed", "/v1/vqa"]
     assert listed["grounder"]["routes"] == ["/v1/embed", "/v1/ground"]
+
+
+texts = st.one_of(
+    st.none(),
+    st.text(max_size=40),
+    st.text(alphabet=st.characters(codec="utf-8"), min_size=900, max_size=1100),
+    st.integers(),
+    st.lists(st.text(max_size=5), max_size=3),
+)
+
+
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    route=st.sampled_from([("/v1/caption", "captioner"), ("/v1/vqa", "answerer"), ("/v1/ground", "grounder")]),
+    text=texts,
+    multipart=st.booleans(),
+)
+def test_fuzzed_questions_and_expressions_never_get_5xx(served, route, text, multipart):
+    path, model = route
+    if multipart:
+        fields = {"model": model, **({"text": str(text)} if text is not None else {})}
+        files = {"file": ("a.png", base64.b64decode(served.image))}
+        answer = served.http.post(path, data=fields, files=files)
+    else:
+        answer = served.http.post(path, json={"image_base64": served.image, "model": model, "text": text})
+    assert answer.status_code < 500, (text, answer.text)
+    if answer.status_code >= 400:
+        assert isinstance(answer.json()["error"], str)

@@ -42,6 +42,7 @@ RUN_NAME_TAG = "pretrainlab.run_name"
 CHECKPOINT_ARTIFACT = "checkpoint"
 _MAX_PARAM_LENGTH = 6000
 _LOG_BATCH_ENDPOINT = "/api/2.0/mlflow/runs/log-batch"
+_AUTH_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"  # /health answers without credentials
 
 
 class TrackingError(RuntimeError):
@@ -54,17 +55,26 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
 
 
 def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
-    """Fail early, naming ``uri``, when the tracking server does not answer its health check."""
+    """Fail early, naming ``uri``, when the tracking server does not answer its health check,
+    or answers an API call with 401 (a server with authentication, and no or wrong credentials)."""
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
                 response.read()
-        except (urllib.error.URLError, OSError) as err:
+            creds = get_default_host_creds(uri)  # MLFLOW_TRACKING_USERNAME / _PASSWORD, as every request
+            status = http_request(creds, _AUTH_PROBE, "GET", max_retries=0, timeout=timeout_s).status_code
+        except (urllib.error.URLError, OSError, MlflowException) as err:  # http_request raises MlflowException
             reason = getattr(err, "reason", err)
             raise TrackingError(
                 f"cannot reach the MLflow tracking server at {uri} ({reason}); start it "
                 "(mlflow server --host 127.0.0.1 --port 5000) or unset MLFLOW_TRACKING_URI"
             ) from None
+        if status == 401:
+            given = "refused the credentials in" if creds.username else "needs credentials: set"
+            raise TrackingError(
+                f"the MLflow tracking server at {uri} {given} MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (HTTP 401)"
+            )
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():

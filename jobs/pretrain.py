@@ -34,11 +34,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import yaml
 from mlflow import MlflowClient
-from ray.train import Checkpoint, Result
 
 from pretrainlab.analysis import tsne
 from pretrainlab.analysis.samples import stratified_indices
@@ -72,6 +72,9 @@ FINAL_KNN_T = 0.07
 TSNE_SAMPLES = 2000
 TSNE_PERPLEXITY = 30.0
 IMAGE_TEXT_TEST_SPLITS = ("test", "test_compositional")
+
+if TYPE_CHECKING:  # ray is imported after pretrainlab, whose import keeps a local Ray on 127.0.0.1
+    from ray.train import Checkpoint, Result
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

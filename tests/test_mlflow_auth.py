@@ -17,8 +17,6 @@ from mlflow.exceptions import MlflowException
 from conftest import free_port
 from pretrainlab.tracking.mlflow import MetricLogger, TrackingError, check_tracking, client_for, start_or_resume_run
 
-pytest.importorskip("flask_wtf", reason="the basic-auth app needs Flask-WTF: pip install 'mlflow[auth]'")
-
 ADMIN = ("admin", "admin-password-for-tests")
 TRAINER = ("trainer", "trainer-password-for-tests")
 SEARCH = "/api/2.0/mlflow/experiments/search"

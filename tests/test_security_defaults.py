@@ -1,0 +1,91 @@
+"""Security defaults: a local Ray started the way a job starts it (``python jobs/pretrain.py`` in a shell
+that exported nothing) listens on 127.0.0.1 only, every one of its processes included, and so does Ray
+under every other job's imports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+LOOPBACK = {"127.0.0.1", "::1"}
+JOBS = sorted(path.stem for path in (REPO / "jobs").glob("*.py"))
+
+LISTENERS = r"""
+import importlib.util, ipaddress, json, os, sys
+sys.path.insert(0, "jobs")
+import pretrain  # the job's own imports, in its order: pretrainlab before ray
+from pretrainlab.cluster import init_ray
+
+def tree(pid):
+    found = {pid}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            children = open(f"/proc/{pid}/task/{task}/children").read().split()
+        except OSError:
+            continue
+        for child in children:
+            found |= tree(int(child))
+    return found
+
+def listening_inodes():
+    # /proc/net/tcp{,6}: local address as hex, state 0A = LISTEN, inode in column 10
+    found = {}
+    for name, size in (("tcp", 4), ("tcp6", 16)):
+        for line in open(f"/proc/net/{name}").read().splitlines()[1:]:
+            fields = line.split()
+            address, state, inode = fields[1].split(":")[0], fields[3], fields[9]
+            if state != "0A":
+                continue
+            raw = bytes.fromhex(address)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # little-endian words
+            ip = ipaddress.ip_address(raw)
+            found[inode] = str(getattr(ip, "ipv4_mapped", None) or ip)
+    return found
+
+init_ray(num_cpus=1, include_dashboard=True)
+inodes, addresses = listening_inodes(), []
+for pid in tree(os.getpid()):
+    try:
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        continue
+    addresses += [inodes[link[8:-1]] for link in links if link.startswith("socket:[") and link[8:-1] in inodes]
+print(json.dumps(sorted(set(addresses))))
+"""
+
+
+def unexported_env() -> dict[str, str]:
+    """This process's environment without what ``make`` exports for Ray."""
+    env = dict(os.environ)
+    for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED", "RAY_ADDRESS"):
+        env.pop(name, None)
+    return env
+
+
+def test_a_local_ray_listens_on_loopback_only():
+    env = unexported_env()
+    run = subprocess.run(
+        [sys.executable, "-c", LISTENERS], env=env, cwd=REPO, capture_output=True, text=True, timeout=180
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    addresses = json.loads(run.stdout.strip().splitlines()[-1])
+    assert addresses, "found no listening socket: the check itself is broken"
+    assert set(addresses) <= LOOPBACK, addresses
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_every_job_imports_pretrainlab_before_ray(job):
+    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, on import; pretrainlab sets it, so it must come first."""
+    check = f"import sys; sys.path.insert(0, 'jobs'); import {job}; import ray._private.ray_constants as c; "
+    check += "print(c.ENABLE_RAY_CLUSTER)"
+    run = subprocess.run(
+        [sys.executable, "-c", check], env=unexported_env(), cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == "False", f"jobs/{job}.py imports ray before pretrainlab"

@@ -118,6 +118,10 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(project):
 
     assert pretrain("uninterrupted") == 0
     reference = find_run(client, "uninterrupted").data.metrics
+    print(
+        f"worker killed: val/top1 {run.data.metrics['val/top1']:.2f} test/top1 {run.data.metrics['test/top1']:.2f}; "
+        f"uninterrupted: val/top1 {reference['val/top1']:.2f} test/top1 {reference['test/top1']:.2f}"
+    )
     assert run.data.metrics["test/top1"] > 60.0
     assert abs(run.data.metrics["val/top1"] - reference["val/top1"]) < 10.0, (run.data.metrics, reference)
     assert abs(run.data.metrics["test/top1"] - reference["test/top1"]) < 10.0

@@ -5,18 +5,80 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import signal  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 sys.path.insert(0, str(REPO / "jobs"))  # the jobs are scripts; tests call their main()
+
+
+def wait_for(url: str, process: subprocess.Popen, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers (Ray's dashboard wants its token: 401)
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """SIGTERM the process we started (it shuts its children down), then SIGKILL anything left in its group."""
+    process.terminate()
+    try:
+        process.wait(timeout_s)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+
+RAY_CLI = Path(sys.executable).parent / "ray"
+
+
+def start_ray_node(env: dict[str, str], log: Path, head: str | None = None, *flags: str) -> SimpleNamespace:
+    """``ray start --block`` on 127.0.0.1 with free ports: a head when ``head`` is None, else a node joining the
+    head at that address. Returns ``process``, ``ports`` (flag -> port) and ``temp_dir``; stop it with
+    :func:`stop` and remove ``temp_dir``.
+    """
+    ports = {flag: free_port() for flag in ("--dashboard-agent-listen-port", "--metrics-export-port")}
+    ports["--runtime-env-agent-port"] = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    if head is None:
+        ports |= {flag: free_port() for flag in ("--port", "--dashboard-port", "--ray-client-server-port")}
+        role = ["--head", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}"]
+    else:
+        role = [f"--address={head}"]
+    process = subprocess.Popen(
+        [RAY_CLI, "start", "--block", "--node-ip-address=127.0.0.1", *role, *flags]
+        + [f"{flag}={port}" for flag, port in ports.items()],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return SimpleNamespace(process=process, ports=ports, temp_dir=temp_dir)
 
 
 def free_port() -> int:

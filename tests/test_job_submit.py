@@ -5,49 +5,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, start_ray_node, stop, wait_for
 
 BIN = Path(sys.executable).parent
-
-
-def wait_for(url: str, process: subprocess.Popen, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except urllib.error.HTTPError:
-            return  # it answers (Ray's dashboard wants its token: 401)
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
-
-
-def stop(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    """SIGTERM the process we started (it shuts its children down), then SIGKILL anything left in its group."""
-    process.terminate()
-    try:
-        process.wait(timeout_s)
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
 
 
 @pytest.fixture
@@ -99,39 +66,14 @@ def mlflow_server(env, tmp_path):
 
 @pytest.fixture
 def ray_head(env, tmp_path):
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    dashboard = free_port()
-    ports = {
-        "--port": free_port(),
-        "--dashboard-port": dashboard,
-        "--ray-client-server-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(),
-        "--metrics-export-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-    }
-    head = subprocess.Popen(
-        [
-            BIN / "ray",
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1",
-            "--num-cpus=2",
-            f"--temp-dir={temp_dir}",
-            *[f"{flag}={port}" for flag, port in ports.items()],
-        ],
-        env=env,
-        stdout=open(tmp_path / "ray-head.log", "wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    head = start_ray_node(env, tmp_path / "ray-head.log", None, "--num-cpus=2")
+    dashboard = head.ports["--dashboard-port"]
     try:
-        wait_for(f"http://127.0.0.1:{dashboard}/api/version", head)
+        wait_for(f"http://127.0.0.1:{dashboard}/api/version", head.process)
         yield f"http://127.0.0.1:{dashboard}"
     finally:
-        stop(head)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop(head.process)
+        shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_pretrain_on_the_cluster_and_tracks_to_the_server(env, ray_head, mlflow_server):

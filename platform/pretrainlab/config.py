@@ -240,6 +240,9 @@ class TrainConfig(_Section):
     ema: EmaConfig | None = None
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: int = Field(1, ge=1, description="CPUs each worker holds; torch uses as many threads.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How the workers' resource bundles spread over nodes; STRICT_SPREAD: one per node."
+    )
     use_gpu: bool | Literal["auto"] = "auto"
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts allowed; -1 retries forever.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

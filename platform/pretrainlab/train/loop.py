@@ -8,9 +8,10 @@ each epoch. With ``train.ema`` the moving average is evaluated next to the raw w
 the checkpoint's weights are the better of the two by the score metric (``val/*`` are
 their metrics, ``val_raw/*`` and ``val_ema/*`` both), and its training state keeps both.
 On restart the session's checkpoint (or, when it fails verification, the newest good one
-before it) restores model, EMA, optimizer, scheduler, epoch, step and RNG state; the config's learning rate, weight decay and momentum then apply
-again, so a PBT trial that copied another trial's checkpoint trains with its own new
-hyperparameters (the copy is recorded in MLflow).
+before it) restores model, EMA, optimizer, scheduler, epoch, step and RNG state; the
+config's learning rate, weight decay and momentum then apply again, so a PBT trial that
+copied another trial's checkpoint trains with its own new hyperparameters (the copy is
+recorded in MLflow). The run's tag ``ray.worker_nodes`` lists each rank's Ray node.
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ from pretrainlab.models.interop import LoadReport
 from pretrainlab.strategies import get_strategy
 from pretrainlab.tracking.mlflow import MetricLogger, client_for
 from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
-from pretrainlab.train.evaluate import all_reduce_sums, classification_sums, gather_rows, metrics_from_sums
+from pretrainlab.train.evaluate import (
+    all_reduce_sums,
+    classification_sums,
+    gather_from_workers,
+    gather_rows,
+    metrics_from_sums,
+)
 from pretrainlab.train.image_text import retrieval_validation
 from pretrainlab.train.knn import knn_top1
 from pretrainlab.train.optim import apply_hyperparameters, build_optimizer, scaled_lr
@@ -171,6 +178,9 @@ def run_loop(loop_config: dict[str, Any], session: LoopSession) -> None:
         model = model.to(memory_format=torch.channels_last)
     start_epoch, step, run_id = 0, 0, loop_config["tracking"]["run_id"]
     client = client_for(loop_config["tracking"]["uri"]) if rank == 0 else None
+    nodes = gather_from_workers(session.node_id)
+    if client is not None:  # which Ray node each rank trains on, in rank order
+        client.set_tag(run_id, "ray.worker_nodes", ",".join(nodes))
     if client is not None and model.init_report is not None:
         log_init_report(client, run_id, model.init_report)
     ckpt = None

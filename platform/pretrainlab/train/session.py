@@ -23,6 +23,7 @@ class LoopSession(Protocol):
     rank: int
     world_size: int
     device: torch.device
+    node_id: str
 
     def get_checkpoint(self) -> ray.train.Checkpoint | None: ...
 
@@ -42,6 +43,7 @@ class TrainWorkerSession:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     def get_checkpoint(self) -> ray.train.Checkpoint | None:
         return ray.train.get_checkpoint()
@@ -69,6 +71,7 @@ class TuneTrialSession:
 
     def __init__(self, datasets: dict[str, ray.data.Dataset]) -> None:
         self.datasets = datasets
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
 
     def get_checkpoint(self) -> ray.tune.Checkpoint | None:

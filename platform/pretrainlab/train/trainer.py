@@ -127,7 +127,10 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config={"config": for_workers(cfg), "dataset": dataset_info(data_folder), "tracking": tracking},
         scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=cfg.train.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.train.placement_strategy,
         ),
         run_config=RunConfig(
             name=run_name,

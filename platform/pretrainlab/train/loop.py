@@ -232,10 +232,10 @@ def run_loop(loop_config: dict[str, Any], session: LoopSession) -> None:
                 elapsed = time.perf_counter() - window_start
                 logger.log(
                     {
-                        "train/loss": window_loss / window_batches,
+                        "train/loss": float(window_loss) / window_batches,
                         "train/lr": max(group["lr"] for group in optimizer.param_groups),
                         "train/throughput": window_batches * cfg.train.batch_size * world / elapsed,
-                        **stepper.logs,
+                        **{key: float(value) for key, value in stepper.logs.items()},
                     },
                     stepper.step,
                 )

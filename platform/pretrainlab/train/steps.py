@@ -72,20 +72,25 @@ class Stepper:
     def micro_batch(self, batch: dict[str, torch.Tensor]) -> tuple[float, bool]:
         """Forward and backward one micro-batch; ``(its loss, whether an optimizer step followed)``.
 
-        The model's other ``log/<name>`` outputs are kept in :attr:`logs` as ``train/<name>``.
+        The model's other ``log/<name>`` outputs are kept in :attr:`logs` as ``train/<name>``. Both stay
+        detached tensors: reading a value waits for the GPU, so the loop reads them only when it logs.
         """
         with self._no_sync():
             with self.autocast:
                 out = self.model(batch)
             loss = out["loss"]
-            self.logs = {f"train/{k.removeprefix('log/')}": float(v) for k, v in out.items() if k.startswith("log/")}
+            self.logs = {
+                f"train/{k.removeprefix('log/')}": torch.as_tensor(v).detach()
+                for k, v in out.items()
+                if k.startswith("log/")
+            }
             scaled = loss / self.cfg.accumulate_steps
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         self.pending += 1
         if self.pending < self.cfg.accumulate_steps:
-            return loss.item(), False
+            return loss.detach(), False
         self._optimizer_step()
-        return loss.item(), True
+        return loss.detach(), True
 
     def _optimizer_step(self) -> None:
         if self.cfg.clip_grad is not None:

@@ -47,6 +47,7 @@ from pretrainlab.config import ConfigError, ExperimentConfig, load_config
 from pretrainlab.data.shards import load_manifest
 from pretrainlab.inference.loading import load_model
 from pretrainlab.paths import project_home
+from pretrainlab.storage import location
 from pretrainlab.strategies import get_strategy
 from pretrainlab.tracking.mlflow import (
     CHECKPOINT_ARTIFACT,
@@ -243,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nrun {run_name!r} finished: test {summary}")
     print(f"  MLflow run: {run_id} (experiment {cfg.runtime.experiment!r}, store {tracking_uri})")
-    print(f"  checkpoint: runs:/{run_id}/{CHECKPOINT_ARTIFACT}  (Ray Train copy: {best.path})")
+    print(
+        f"  checkpoint: runs:/{run_id}/{CHECKPOINT_ARTIFACT}  (Ray Train copy: {location(best.filesystem, best.path)})"
+    )
     if version is not None:
         print(f"  registered: models:/{version.name}/{version.version}")
     if not tracking_uri.startswith("http"):

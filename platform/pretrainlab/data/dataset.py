@@ -39,7 +39,7 @@ def read_split(dataset_dir: str | os.PathLike, split: str) -> ray.data.Dataset:
     multi-node cluster ``dataset_dir`` must be on storage every node sees.
 
     Args:
-        dataset_dir: the dataset folder.
+        dataset_dir: the dataset folder, or its URI (``s3://bucket/path``; see :mod:`pretrainlab.storage`).
         split: the split to read.
 
     Raises:

@@ -1,6 +1,7 @@
 """Parquet shards and their manifest: the on-disk format every dataset is converted to.
 
-A dataset is a folder::
+A dataset is a folder, on local disk or object storage (``s3://bucket/path``, see
+:mod:`pretrainlab.storage`)::
 
     manifest.json
     train-00000.parquet  train-00001.parquet  ...  val-00000.parquet  ...
@@ -30,6 +31,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pretrainlab.data.errors import DatasetError
+from pretrainlab.paths import is_uri
+from pretrainlab.storage import join, open_input
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -231,9 +234,10 @@ def load_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
         DatasetError: naming the manifest path, when it is missing, not JSON, of
             another schema version, or malformed.
     """
-    path = Path(dataset_dir) / MANIFEST_FILE
+    path = join(dataset_dir, MANIFEST_FILE)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        with open_input(path) as file:
+            manifest = json.loads(file.read().decode("utf-8"))
     except FileNotFoundError:
         raise DatasetError(f"{path}: not found; convert the dataset first (jobs/prepare_data.py)") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -251,14 +255,14 @@ def load_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def shard_paths(dataset_dir: str | os.PathLike, split: str) -> list[str]:
-    """Absolute paths of one split's shards, in order, from the manifest.
+    """Absolute paths (or URIs) of one split's shards, in order, from the manifest.
 
     Raises:
         DatasetError: no valid manifest, or an unknown split (listing the known ones).
     """
     manifest = load_manifest(dataset_dir)
-    root = Path(dataset_dir).absolute()
-    return [str(root / shard["file"]) for shard in _split_entry(manifest, split, dataset_dir)["shards"]]
+    root = dataset_dir if is_uri(os.fspath(dataset_dir)) else Path(dataset_dir).absolute()
+    return [join(root, shard["file"]) for shard in _split_entry(manifest, split, dataset_dir)["shards"]]
 
 
 def verify_dataset(dataset_dir: str | os.PathLike, splits: str | Iterable[str] | None = None) -> dict[str, Any]:
@@ -277,10 +281,9 @@ def verify_dataset(dataset_dir: str | os.PathLike, splits: str | Iterable[str] |
     """
     manifest = load_manifest(dataset_dir)
     names = manifest["splits"] if splits is None else [splits] if isinstance(splits, str) else list(splits)
-    root = Path(dataset_dir)
     for split in names:
         for shard in _split_entry(manifest, split, dataset_dir)["shards"]:
-            verify_shard(root / shard["file"], shard)
+            verify_shard(join(dataset_dir, shard["file"]), shard)
     return manifest
 
 
@@ -453,8 +456,8 @@ def _write_split(folder: Path, split: str, table: pa.Table, shard_size: int) -> 
     return {"count": table.num_rows, "shards": shards}
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
+def _sha256(path: str | Path) -> str:
+    with open_input(path) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -509,7 +512,7 @@ def _split_entry(manifest: dict[str, Any], split: str, dataset_dir: str | os.Pat
         ) from None
 
 
-def verify_shard(path: Path, entry: dict[str, Any]) -> None:
+def verify_shard(path: str | Path, entry: dict[str, Any]) -> None:
     """Checks one shard file against its manifest entry (sha256, readable); raises DatasetError naming it."""
     try:
         digest = _sha256(path)

@@ -35,10 +35,11 @@ from torch import nn
 
 from pretrainlab.config import ExperimentConfig, load_config
 from pretrainlab.data.catalog import dataset_info, is_builtin
+from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.shards import MANIFEST_FILE, shard_paths
 from pretrainlab.inference.inputs import InputPreprocessor
 from pretrainlab.inference.loading import MLFLOW_SCHEMES, load_model
-from pretrainlab.paths import resolve
+from pretrainlab.paths import is_uri, resolve
 from pretrainlab.strategies import STRATEGIES, get_strategy
 from pretrainlab.tracking.mlflow import TrackingError, check_tracking, client_for, resolve_tracking_uri
 from pretrainlab.tracking.registry import DEFAULT_ALIAS, alias_holder, open_store
@@ -316,15 +317,19 @@ def dataset_folder(cfg: ExperimentConfig) -> Path:
 
 
 def _image_size(cfg: ExperimentConfig, name: str) -> tuple[int, int] | None:
-    """H x W shared by every training image of the config's dataset; None for mixed sizes or no dataset here."""
-    folder = dataset_folder(cfg)
-    if not (folder / MANIFEST_FILE).is_file():
+    """H x W shared by every training image of the config's dataset (a folder or a URI); None for mixed sizes or
+    no dataset here."""
+    dataset = cfg.data.dataset
+    folder = dataset if is_uri(dataset) else dataset_folder(cfg)
+    try:
+        paths = shard_paths(folder, "train")
+    except DatasetError as err:
         warnings.warn(
-            f"{name}: dataset {cfg.data.dataset!r} is not prepared in {folder}, so the training image size is "
-            "unknown: inputs go to data.eval_pipeline at their own size",
+            f"{name}: dataset {dataset!r} cannot be read ({err}), so the training image size is unknown: inputs "
+            "go to data.eval_pipeline at their own size",
             stacklevel=4,
         )
         return None
-    table = pa.concat_tables(pq.read_table(p, columns=["height", "width"]) for p in shard_paths(folder, "train"))
+    table = pa.concat_tables(pq.read_table(p, columns=["height", "width"]) for p in paths)
     heights, widths = (pc.unique(table[column]).to_pylist() for column in ("height", "width"))
     return (heights[0], widths[0]) if len(heights) == len(widths) == 1 else None

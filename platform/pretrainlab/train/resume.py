@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import pyarrow.fs
 import ray.train
 
+from pretrainlab.storage import location
 from pretrainlab.train.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -17,7 +18,8 @@ CHECKPOINT_PREFIX = "checkpoint_"
 
 @dataclass
 class Resumption:
-    """The checkpoint a run resumes from and the newer ones that could not be loaded."""
+    """The checkpoint a run resumes from (``source``: its folder or URI) and the newer ones that could not be
+    loaded."""
 
     checkpoint: LoadedCheckpoint
     source: str
@@ -64,5 +66,5 @@ def load_resumable(checkpoint: ray.train.Checkpoint) -> Resumption:
         except CheckpointError as err:
             skipped.append(str(err))  # the message names the file
             continue
-        return Resumption(loaded, candidate.path, skipped)
+        return Resumption(loaded, location(candidate.filesystem, candidate.path), skipped)
     raise CheckpointError("no checkpoint of this run can be resumed from: " + "; ".join(skipped))

@@ -17,11 +17,12 @@ from pretrainlab.inference.loading import MLFLOW_SCHEMES
 from pretrainlab.models.backbones import BackboneError
 from pretrainlab.models.interop import InteropError
 from pretrainlab.paths import resolve
+from pretrainlab.storage import StorageError, check_storage
 from pretrainlab.strategies import get_strategy
 from pretrainlab.train.loop import train_loop_per_worker
 
 TRAIN_SPLITS = ("train", "val")
-EXPERIMENT_ERRORS = (DatasetError, BackboneError, InteropError, PipelineError)
+EXPERIMENT_ERRORS = (DatasetError, BackboneError, InteropError, PipelineError, StorageError)
 """What :func:`check_experiment` raises; each message names the file, key or value at fault."""
 
 
@@ -33,7 +34,7 @@ def wants_gpu(cfg: ExperimentConfig) -> bool:
 
 
 def check_experiment(cfg: ExperimentConfig) -> str:
-    """Everything that can fail before Ray starts: the dataset, the model and the pipelines.
+    """Everything that can fail before Ray starts: the storage buckets, the dataset, the model and the pipelines.
 
     Returns:
         The prepared dataset folder.
@@ -41,7 +42,9 @@ def check_experiment(cfg: ExperimentConfig) -> str:
     Raises:
         One of :data:`EXPERIMENT_ERRORS`.
     """
+    check_storage(cfg.train.storage_path, "train.storage_path")
     data_folder = dataset_dir(cfg)
+    check_storage(data_folder, "data.dataset")
     info = dataset_info(data_folder)
     strategy = get_strategy(cfg.strategy)
     tasks = getattr(strategy, "DATASET_TASKS", ("classification",))

@@ -27,7 +27,7 @@ from pretrainlab.data.transforms import ImagePipeline
 from pretrainlab.strategies import supervised
 from pretrainlab.train.optim import build_optimizer, parameter_groups, scaled_lr
 from pretrainlab.train.schedule import build_scheduler
-from pretrainlab.train.steps import Stepper, build_ema
+from pretrainlab.train.steps import Stepper, build_ema, compile_forward
 
 CPU = torch.device("cpu")
 
@@ -251,3 +251,29 @@ def test_policy_augmentations_change_each_image_on_its_own(op):
             rows, cols = change[0].any(dim=1).nonzero(), change[0].any(dim=0).nonzero()
             box = image[0, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
             assert (box == 0).all()
+
+
+class TinyClassifier(torch.nn.Module):
+    """A backbone and a linear head with the strategies' dict interface."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 16), torch.nn.ReLU())
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = self.head(self.backbone(batch["image"]))
+        return {"loss": torch.nn.functional.cross_entropy(logits, batch["label"]), "logits": logits}
+
+
+def test_train_compile_gives_the_eager_losses_and_state_dict():
+    optim = OptimConfig(name="sgd", lr=0.1)
+    eager, compiled = TinyClassifier(), compile_forward(TinyClassifier(), "default")
+    assert compile_forward(eager, None) is eager and list(compiled.state_dict()) == list(eager.state_dict())
+    steppers = [stepper_for(model, optim, TrainConfig()) for model in (eager, compiled)]
+    for step in range(3):
+        losses = [float(stepper.micro_batch(batch(seed=step))[0]) for stepper in steppers]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-4), step
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[name], value, rtol=1e-4, atol=1e-5)

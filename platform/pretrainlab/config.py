@@ -240,6 +240,9 @@ class TrainConfig(_Section):
     ema: EmaConfig | None = None
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: int = Field(1, ge=1, description="CPUs each worker holds; torch uses as many threads.")
+    compile: Literal["default", "reduce-overhead", "max-autotune"] | None = Field(
+        None, description="torch.compile mode of the model's forward (worth it on GPU); null: eager."
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How the workers' resource bundles spread over nodes; STRICT_SPREAD: one per node."
     )

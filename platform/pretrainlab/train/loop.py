@@ -46,7 +46,7 @@ from pretrainlab.train.optim import apply_hyperparameters, build_optimizer, scal
 from pretrainlab.train.resume import load_resumable
 from pretrainlab.train.schedule import build_scheduler
 from pretrainlab.train.session import LoopSession, TrainWorkerSession
-from pretrainlab.train.steps import Stepper, build_ema, unwrap
+from pretrainlab.train.steps import Stepper, build_ema, compile_forward, unwrap
 
 
 def steps_per_epoch(train_count: int, batch_size: int, num_workers: int, accumulate_steps: int = 1) -> int:
@@ -209,7 +209,7 @@ def run_loop(loop_config: dict[str, Any], session: LoopSession) -> None:
             client.set_tag(run_id, "pretrainlab.exploited_from", f"run {source_run} at epoch {start_epoch}")
             MetricLogger(client, run_id).log({"pbt/exploit": 1.0}, step)
 
-    stepper.model = session.prepare_model(model)
+    stepper.model = session.prepare_model(compile_forward(model, cfg.train.compile))
     logger = MetricLogger(client, run_id) if client is not None else None
     augment = Preprocessor(cfg.data, train=True) if cfg.data.augment_on == "worker" else None
     mixup = build_mixup(cfg.data, info["num_classes"], cfg.model.label_smoothing)

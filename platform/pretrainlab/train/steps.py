@@ -17,6 +17,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def compile_forward(model: nn.Module, mode: str | None) -> nn.Module:
+    """``model`` with its forward compiled by ``torch.compile`` in ``mode``, in place (its names and state dict
+    stay as they were); unchanged for None."""
+    if mode is not None:
+        model.compile(mode=mode)
+    return model
+
+
 def autocast_for(device: torch.device) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler | None]:
     """AMP on GPU (bf16 where supported, else fp16 with a grad scaler); full precision on CPU."""
     if device.type != "cuda":

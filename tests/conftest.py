@@ -1,4 +1,4 @@
-"""Shared fixtures: a real local Ray, a real MLflow sqlite store, a project folder per test."""
+"""Shared fixtures: a real local Ray, a real MLflow sqlite store, a project folder per test, an S3 server."""
 
 from __future__ import annotations
 
@@ -119,6 +119,35 @@ def project(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("PRETRAINLAB_HOME", str(home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
     return home
+
+
+BUCKET = "pretrainlab-shared"
+MOTO_SERVER = Path(sys.executable).parent / "moto_server"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 holding an empty bucket ``BUCKET``; the AWS variables point this process,
+    and the Ray workers and MLflow servers started after it, at the server. Yields its endpoint."""
+    import boto3
+
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    command = [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", endpoint.rpartition(":")[2]]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(endpoint, process, 60)
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("AWS_ACCESS_KEY_ID", "testing")
+            env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            env.setenv("AWS_ENDPOINT_URL", endpoint)  # boto3, pyarrow (so Ray Train and Ray Data)
+            env.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)  # an MLflow server's artifact store
+            boto3.client("s3").create_bucket(Bucket=BUCKET)
+            yield endpoint
+    finally:
+        stop(process, 15)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The team MLflow set-up: a real ``mlflow server`` whose backend store is PostgreSQL (a throwaway cluster of
-Debian's postgresql on 127.0.0.1), artifacts in a folder the server serves. A training run, a sweep and a
-promotion go through it; a second process resolves the registry alias; the rows are read back from PostgreSQL."""
+Debian's postgresql on 127.0.0.1), artifacts on an S3-compatible server (moto's server mode on 127.0.0.1) that the
+server serves. A training run, a sweep and a promotion go through it; a second process resolves the registry alias;
+the rows are read back from PostgreSQL and the artifacts from the bucket."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
 import httpx
 import psycopg2
 import pytest
@@ -22,13 +24,14 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from psycopg2 import sql
 
-from conftest import CONFIGS, free_port
+from conftest import BUCKET, CONFIGS, free_port
 from pretrainlab.tracking.mlflow import RUN_NAME_TAG
 
 CONFIG = str(CONFIGS / "test-resnet_2xb32_digits.yaml")
 ASHA = str(CONFIGS / "sweeps" / "test-resnet_digits_asha.yaml")
 MODEL = "digits-classifier"
 DB, USER, PASSWORD = "mlflow", "mlflow", "a password for the tests"
+ARTIFACTS = "mlflow-pg"  # the key prefix of the artifacts in ``BUCKET``
 
 
 def postgres_bin() -> Path:
@@ -111,21 +114,16 @@ def postgres():
         shutil.rmtree(base, ignore_errors=True)
 
 
-@dataclass
-class Server:
-    uri: str
-    artifacts: Path  # --artifacts-destination
-
-
 @pytest.fixture(scope="module")
-def mlflow_server(postgres, tmp_path_factory):
-    """``mlflow server`` on 127.0.0.1 over the PostgreSQL store, serving artifacts from a local folder."""
+def mlflow_server(postgres, s3, tmp_path_factory):
+    """``mlflow server`` on 127.0.0.1 over the PostgreSQL store, serving artifacts from ``s3://BUCKET/ARTIFACTS``.
+    Yields its URI."""
     folder = tmp_path_factory.mktemp("mlflow_pg")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}  # with the AWS variables of s3
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     port = free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
-    command += ["--backend-store-uri", postgres.uri, "--artifacts-destination", str(folder / "artifacts")]
+    command += ["--backend-store-uri", postgres.uri, "--artifacts-destination", f"s3://{BUCKET}/{ARTIFACTS}"]
     with open(folder / "server.log", "wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
@@ -139,7 +137,7 @@ def mlflow_server(postgres, tmp_path_factory):
                     break
             except httpx.TransportError:
                 time.sleep(0.25)
-        yield Server(uri, folder / "artifacts")
+        yield uri
     finally:
         try:
             os.killpg(process.pid, signal.SIGTERM)  # the server and its uvicorn workers, by the group this test started
@@ -159,8 +157,8 @@ def team(mlflow_server, tmp_path_factory):
         for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_REGISTRY_URI"):
             patch.delenv(name, raising=False)
         patch.setenv("PRETRAINLAB_HOME", str(home))
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-        yield mlflow_server.uri
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        yield mlflow_server
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +185,7 @@ def rows(postgres: Postgres, query: str, *args) -> list[tuple]:
     return found
 
 
-def test_train_sweep_promote_through_a_postgres_backed_server(_ray, team, mlflow_server, postgres, tmp_path, capsys):
+def test_train_sweep_promote_through_a_postgres_backed_server(_ray, team, postgres, tmp_path, capsys):
     import pretrain as pretrain_job
     import promote as promote_job  # jobs/ is on sys.path through conftest
     import sweep as sweep_job
@@ -205,8 +203,9 @@ def test_train_sweep_promote_through_a_postgres_backed_server(_ray, team, mlflow
     assert train_loss and 0.0 <= train_run.data.metrics["test/top1"] <= 100.0  # 1 epoch: no quality bar
     assert {"checkpoint", "config.yaml", "evaluation"} <= {a.path for a in client.list_artifacts(train_run.info.run_id)}
     assert [v.run_id for v in client.search_model_versions(f"name = '{MODEL}'")] == [train_run.info.run_id]
-    stored_at = mlflow_server.artifacts / train_run.info.artifact_uri.removeprefix("mlflow-artifacts:/")
-    assert (stored_at / "checkpoint" / "model.safetensors").is_file()  # uploaded through the server
+    stored_at = f"{ARTIFACTS}/{train_run.info.artifact_uri.removeprefix('mlflow-artifacts:/')}/checkpoint/"
+    listed = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=stored_at)
+    assert f"{stored_at}model.safetensors" in {o["Key"] for o in listed.get("Contents", [])}  # through the server
 
     # (2) a sweep: 2 trials of 1 epoch, side by side
     space = "sweep.space={optim.lr: {grid: [0.05, 0.1]}}"
@@ -247,6 +246,8 @@ def test_train_sweep_promote_through_a_postgres_backed_server(_ray, team, mlflow
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    # MLFLOW_TRACKING_URI of ``team`` and the AWS variables of ``s3`` come from os.environ; the model is read
+    # through the server, which holds the bucket
     env = {**os.environ, "PRETRAINLAB_HOME": str(elsewhere)}
     done = subprocess.run(
         [sys.executable, "-c", code, MODEL], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=180

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,13 @@ import pytest
 from mlflow import MlflowClient
 
 import pretrainlab
-from conftest import CONFIGS, free_port
+from conftest import BUCKET, CONFIGS, free_port
 from pretrainlab.config import load_config
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.dataset import load_split_numpy
 from pretrainlab.tracking.mlflow import RUN_NAME_TAG
 
 CONFIG = str(CONFIGS / "test-resnet_2xb32_digits.yaml")
-BUCKET = "pretrainlab-shared"
-MOTO_SERVER = Path(sys.executable).parent / "moto_server"
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -58,32 +55,6 @@ def start(command: list[str], log: Path, ready, env: dict[str, str] | None = Non
         time.sleep(0.25)
     stop(process)
     raise TimeoutError(f"{command[0]} did not answer within 60 s: {log.read_text()[-2000:]}")
-
-
-def listening(port: int) -> bool:
-    with socket.create_connection(("127.0.0.1", port), timeout=1):
-        return True
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 holding an empty bucket ``BUCKET``; the AWS variables point this process,
-    and the Ray workers and MLflow server started after it, at the server."""
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("s3") / "moto.log"
-    process = start([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)], log, lambda: listening(port))
-    try:
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("AWS_ACCESS_KEY_ID", "testing")
-            env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-            env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-            env.setenv("AWS_ENDPOINT_URL", endpoint)  # boto3, pyarrow (so Ray Train and Ray Data)
-            env.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)  # the MLflow server's artifact store
-            boto3.client("s3").create_bucket(Bucket=BUCKET)
-            yield endpoint
-    finally:
-        stop(process)
 
 
 @pytest.fixture(scope="module")

@@ -47,11 +47,82 @@ def stop(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
     try:
         process.wait(timeout_s)
     finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
+        kill_group(process)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL what is left of the process group we started (``process`` leads it), and reap ``process``."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def start_server(command: list, log: Path, url: str, env: dict[str, str] | None = None, timeout_s: float = 90.0):
+    """``command`` in its own process group, its output appended to ``log``, once ``url`` answers. Stop it with
+    :func:`stop_group`."""
+    with open(log, "ab") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(url, process, timeout_s)
+    except BaseException:
+        stop_group(process)
+        print(log.read_text(errors="replace")[-3000:], file=sys.stderr)  # the server's own words, in the report
+        raise
+    return process
+
+
+def stop_group(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """SIGTERM the process group of a server we started (it and its workers), then SIGKILL what is left of it."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout_s)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    finally:
+        kill_group(process)
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 (on ``port``, else a free one) over ``backend_store``; ``args`` go to the
+    command and ``env`` over this process's environment (less MLFLOW_TRACKING_*). :meth:`start` waits for /health,
+    :meth:`stop` ends its process group; it can start again on the same port. A context manager: start, stop."""
+
+    def __init__(
+        self,
+        folder: Path,
+        backend_store: str,
+        *args: str,
+        artifacts: str | None = None,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        workers: int = 1,
+    ) -> None:
+        self.folder, self.backend_store, self.port = folder, backend_store, port or free_port()
+        self.uri, self.process = f"http://127.0.0.1:{self.port}", None
+        self.command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.command += ["--workers", str(workers), "--backend-store-uri", backend_store, *args]
+        if artifacts is not None:
+            self.command += ["--artifacts-destination", artifacts]
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+        self.env |= {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
+
+    def start(self, timeout_s: float = 120.0) -> MlflowServer:
+        log = self.folder / f"mlflow-{self.port}.log"
+        self.process = start_server(self.command, log, f"{self.uri}/health", self.env, timeout_s)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_group(self.process)
+            self.process = None
+
+    def __enter__(self) -> MlflowServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 RAY_CLI = Path(sys.executable).parent / "ray"
@@ -133,11 +204,8 @@ def s3(tmp_path_factory):
 
     endpoint = f"http://127.0.0.1:{free_port()}"
     log = tmp_path_factory.mktemp("s3") / "moto.log"
-    command = [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", endpoint.rpartition(":")[2]]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    process = start_server([MOTO_SERVER, "-H", "127.0.0.1", "-p", endpoint.rpartition(":")[2]], log, endpoint)
     try:
-        wait_for(endpoint, process, 60)
         with pytest.MonkeyPatch.context() as env:
             env.setenv("AWS_ACCESS_KEY_ID", "testing")
             env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
@@ -147,7 +215,7 @@ def s3(tmp_path_factory):
             boto3.client("s3").create_bucket(Bucket=BUCKET)
             yield endpoint
     finally:
-        stop(process, 15)
+        stop_group(process)
 
 
 @pytest.fixture(scope="module")

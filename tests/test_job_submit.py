@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, free_port, start_ray_node, stop, wait_for
+from conftest import REPO, MlflowServer, start_ray_node, stop, wait_for
 
 BIN = Path(sys.executable).parent
 
@@ -34,34 +34,9 @@ def env(tmp_path):
 
 @pytest.fixture
 def mlflow_server(env, tmp_path):
-    port = free_port()
     home = Path(env["PRETRAINLAB_HOME"])
-    server = subprocess.Popen(
-        [
-            BIN / "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{home}/server.db",
-            "--artifacts-destination",
-            str(home / "artifacts"),
-        ],
-        env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=open(tmp_path / "mlflow.log", "wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(f"{uri}/health", server)
-        yield uri
-    finally:
-        stop(server)
+    with MlflowServer(tmp_path, f"sqlite:///{home}/server.db", artifacts=str(home / "artifacts"), env=env) as server:
+        yield server.uri
 
 
 @pytest.fixture

@@ -3,18 +3,13 @@ tracking helpers with credentials from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKIN
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from mlflow.exceptions import MlflowException
 
-from conftest import free_port
+from conftest import MlflowServer
 from pretrainlab.tracking.mlflow import MetricLogger, TrackingError, check_tracking, client_for, start_or_resume_run
 
 ADMIN = ("admin", "admin-password-for-tests")
@@ -35,41 +30,16 @@ def server(tmp_path_factory):
         f"admin_password = {ADMIN[1]}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
-    env |= {
-        "MLFLOW_AUTH_CONFIG_PATH": str(config),
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": "secret-key-for-tests",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-    }
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
-    command += ["--default-artifact-root", (folder / "artifacts").as_uri()]
-    with open(folder / "server.log", "wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, (folder / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, f"no answer on {uri}/health within 90 s"
-            try:
-                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.25)
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": "secret-key-for-tests"}
+    args = ["--app-name", "basic-auth", "--default-artifact-root", (folder / "artifacts").as_uri()]
+    with MlflowServer(folder, f"sqlite:///{folder / 'mlflow.db'}", *args, env=env) as server:
         created = httpx.post(
-            f"{uri}/api/2.0/mlflow/users/create", auth=ADMIN, json={"username": TRAINER[0], "password": TRAINER[1]}
+            f"{server.uri}/api/2.0/mlflow/users/create",
+            auth=ADMIN,
+            json={"username": TRAINER[0], "password": TRAINER[1]},
         )
         assert created.status_code == 200, created.text
-        yield uri
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)  # the server and its uvicorn worker, by the group this test started
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        yield server.uri
 
 
 @pytest.fixture

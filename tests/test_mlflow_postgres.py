@@ -17,14 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
-import httpx
 import psycopg2
 import pytest
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from psycopg2 import sql
 
-from conftest import BUCKET, CONFIGS, free_port
+from conftest import BUCKET, CONFIGS, MlflowServer, free_port
 from pretrainlab.tracking.mlflow import RUN_NAME_TAG
 
 CONFIG = str(CONFIGS / "test-resnet_2xb32_digits.yaml")
@@ -119,34 +118,9 @@ def mlflow_server(postgres, s3, tmp_path_factory):
     """``mlflow server`` on 127.0.0.1 over the PostgreSQL store, serving artifacts from ``s3://BUCKET/ARTIFACTS``.
     Yields its URI."""
     folder = tmp_path_factory.mktemp("mlflow_pg")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}  # with the AWS variables of s3
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
-    command += ["--backend-store-uri", postgres.uri, "--artifacts-destination", f"s3://{BUCKET}/{ARTIFACTS}"]
-    with open(folder / "server.log", "wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120  # the first start creates MLflow's tables in PostgreSQL
-        while True:
-            assert process.poll() is None, (folder / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, f"no answer on {uri}/health within 120 s"
-            try:
-                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.25)
-        yield uri
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)  # the server and its uvicorn workers, by the group this test started
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        except ProcessLookupError:  # it had exited, workers included
-            process.wait()
+    artifacts = f"s3://{BUCKET}/{ARTIFACTS}"  # the server reads the AWS variables of s3
+    with MlflowServer(folder, postgres.uri, artifacts=artifacts, workers=2) as server:  # creates MLflow's tables
+        yield server.uri
 
 
 @pytest.fixture(scope="module")

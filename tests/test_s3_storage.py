@@ -4,14 +4,6 @@ bucket. The AWS variables a user sets (credentials, region, ``AWS_ENDPOINT_URL``
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import boto3
 import numpy as np
 import pyarrow.fs
@@ -19,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 import pretrainlab
-from conftest import BUCKET, CONFIGS, free_port
+from conftest import BUCKET, CONFIGS, MlflowServer, free_port
 from pretrainlab.config import load_config
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.dataset import load_split_numpy
@@ -28,54 +20,13 @@ from pretrainlab.tracking.mlflow import RUN_NAME_TAG
 CONFIG = str(CONFIGS / "test-resnet_2xb32_digits.yaml")
 
 
-def stop(process: subprocess.Popen) -> None:
-    """Stop a server this module started (the leader of its own process group) and its workers."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
-def start(command: list[str], log: Path, ready, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``command`` in its own process group, once ``ready()`` is true (60 s at most)."""
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()[-2000:]
-        try:
-            if ready():
-                return process
-        except OSError:
-            pass
-        time.sleep(0.25)
-    stop(process)
-    raise TimeoutError(f"{command[0]} did not answer within 60 s: {log.read_text()[-2000:]}")
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(s3, tmp_path_factory):
     """A real ``mlflow server`` on 127.0.0.1: runs in sqlite, artifacts in ``s3://BUCKET/mlflow``."""
     folder = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    command += ["--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
-    command += ["--artifacts-destination", f"s3://{BUCKET}/mlflow"]
-
-    def healthy() -> bool:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-            return response.status == 200
-
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # with the AWS variables of ``s3``
-    env.pop("MLFLOW_TRACKING_URI", None)
-    process = start(command, folder / "server.log", healthy, env)
-    yield uri
-    stop(process)
+    store = f"sqlite:///{folder / 'mlflow.db'}"
+    with MlflowServer(folder, store, artifacts=f"s3://{BUCKET}/mlflow") as server:  # with the AWS variables of s3
+        yield server.uri
 
 
 @pytest.fixture(scope="module")

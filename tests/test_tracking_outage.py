@@ -3,75 +3,30 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
-from conftest import free_port
+from conftest import MlflowServer, free_port
 from pretrainlab.tracking.mlflow import MetricLogger, client_for
 from pretrainlab.tracking.outbox import Outbox, OutboxError, main, outbox_path
 
 
-class Server:
-    """An ``mlflow server`` on 127.0.0.1 over a sqlite store, in its own process group."""
-
-    def __init__(self, store: Path, port: int) -> None:
-        self.store, self.port, self.process = store, port, None
-        self.uri = f"http://127.0.0.1:{port}"
-
-    def start(self) -> Server:
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port)]
-        command += ["--workers", "1", "--backend-store-uri", f"sqlite:///{self.store}"]
-        command += ["--default-artifact-root", (self.store.parent / "artifacts").as_uri()]
-        log = open(self.store.parent / f"server-{self.port}.log", "ab")  # noqa: SIM115 - closed with the process
-        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, (self.store.parent / f"server-{self.port}.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.25)
-        raise TimeoutError(f"mlflow server on port {self.port} did not answer /health within 60 s")
-
-    def stop(self) -> None:
-        """Stop the server's process group (the process this test started, and its workers)."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        self.process = None
-
-
 @pytest.fixture
 def servers(tmp_path):
-    started: list[Server] = []
+    """Makes ``mlflow server`` instances (not started) over one sqlite store; stops them after the test."""
+    made: list[MlflowServer] = []
 
-    def make(port: int | None = None) -> Server:
-        server = Server(tmp_path / "mlflow.db", port or free_port())
-        started.append(server)
-        return server
+    def make() -> MlflowServer:
+        artifacts = (tmp_path / "artifacts").as_uri()
+        made.append(MlflowServer(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", "--default-artifact-root", artifacts))
+        return made[-1]
 
     yield make
-    for server in started:
+    for server in made:
         server.stop()
 
 
@@ -138,7 +93,7 @@ def test_metrics_queued_when_the_server_never_returns_are_replayed_by_the_comman
     assert "replayed 10 metrics" in capsys.readouterr().out
 
     shutil.copy(copy, path)  # replaying the same records again (here straight into the sqlite store) adds nothing
-    assert main(["replay", str(path), "--tracking-uri", f"sqlite:///{second.store}"]) == 0
+    assert main(["replay", str(path), "--tracking-uri", second.backend_store]) == 0
     assert not path.exists()
     assert _history(second.uri, run_id, "loss") == [0, 1, 2, 3, 4, 5]
     assert _history(second.uri, run_id, "acc") == [1, 2, 3, 4, 5]

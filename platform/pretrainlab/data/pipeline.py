@@ -104,20 +104,29 @@ def augment_in_ray_data(ds: ray.data.Dataset, cfg: ExperimentConfig) -> ray.data
     return augmented
 
 
-def training_batches(shard: Any, cfg: ExperimentConfig, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+def training_batches(
+    shard: Any, cfg: ExperimentConfig, epoch: int, device: torch.device | None = None
+) -> Iterator[dict[str, np.ndarray | torch.Tensor]]:
     """One epoch of a worker's training shard: full batches, shuffled in a local buffer.
 
     The shuffle is seeded from ``runtime.seed`` and the epoch, so every epoch sees a new
-    order and a rerun with the same seed sees the same ones.
+    order and a rerun with the same seed sees the same ones. Batches that Ray Data already
+    decoded and augmented (``data.augment_on: ray_data``) bound for a GPU come as tensors on
+    ``device``: Ray's prefetch thread copies them into page-locked memory and on to the GPU while
+    the last batch trains. Otherwise they are NumPy arrays.
     """
-    shuffle = {}
+    options: dict[str, Any] = {"batch_size": cfg.train.batch_size, "drop_last": True}
     if cfg.data.shuffle_buffer_rows:
         seed = cfg.runtime.seed * 100_003 + epoch
-        shuffle = {"local_shuffle_buffer_size": cfg.data.shuffle_buffer_rows, "local_shuffle_seed": seed}
-    return shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True, **shuffle)
+        options |= {"local_shuffle_buffer_size": cfg.data.shuffle_buffer_rows, "local_shuffle_seed": seed}
+    if device is not None and device.type == "cuda" and cfg.data.augment_on == "ray_data":
+        return shard.iter_torch_batches(device=device, pin_memory=True, **options)
+    return shard.iter_batches(batch_format="numpy", **options)
 
 
-def to_model_inputs(batch: dict[str, np.ndarray], cfg: DataConfig, device: torch.device) -> dict[str, torch.Tensor]:
+def to_model_inputs(
+    batch: dict[str, np.ndarray | torch.Tensor], cfg: DataConfig, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Tensors on ``device``: images and views normalised to float, labels int64, masks bool."""
     inputs = {}
     for key, value in batch.items():

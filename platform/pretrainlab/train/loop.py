@@ -219,7 +219,7 @@ def run_loop(loop_config: dict[str, Any], session: LoopSession) -> None:
         stepper.model.train()
         epoch_start = window_start = time.perf_counter()
         window_loss, window_batches = 0.0, 0
-        for index, rows in enumerate(training_batches(session.dataset("train"), cfg, epoch)):
+        for index, rows in enumerate(training_batches(session.dataset("train"), cfg, epoch, device)):
             if index >= micro_batches:  # the last partial step of an epoch is not taken
                 continue
             batch = to_model_inputs(augment(rows) if augment else rows, cfg.data, device)

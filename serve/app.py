@@ -5,9 +5,10 @@
     serve run serve/config.yaml                       # from the repository root
 
 Two deployments. ``Ingress``, the FastAPI app: auth, body and image checks, JSON errors, request
-timeouts; a call whose model replica dies is sent once more to another replica. ``ModelServer``:
-models loaded with :func:`pretrainlab.get_model`, multiplexed by name (the ingress routes each
-request to a replica holding its model); dynamic batching split per model; alias watching.
+timeouts, dynamic batching (a batch becomes one call per model and task, routed to a model replica
+holding that model); a call whose model replica dies is sent once more to another replica.
+``ModelServer``: models loaded with :func:`pretrainlab.get_model`, multiplexed by name, a batch run
+in one call; alias watching.
 Routes: ``POST /v1/classify``, ``POST /v1/embed``, ``POST /v1/retrieve``,
 ``POST /v1/caption``, ``POST /v1/vqa`` (field ``text``: the question), ``POST /v1/ground`` (field
 ``text``: the referring expression), ``GET /v1/models``, ``GET /healthz``.
@@ -402,8 +403,8 @@ def model_server(args: ServeArgs) -> Any:
 
     @serve.deployment(name="ModelServer")
     class ModelServer:
-        """The models: loaded by name (multiplexed), requests batched and run per model, moved aliases
-        swapped in."""
+        """The models: loaded by name (multiplexed), a batch of one model's requests run in one call, moved
+        aliases swapped in."""
 
         def __init__(self, settings: dict[str, Any]) -> None:
             self.args = ServeArgs.model_validate(settings)
@@ -414,6 +415,7 @@ def model_server(args: ServeArgs) -> Any:
             self.slots: weakref.WeakValueDictionary[str, Slot] = weakref.WeakValueDictionary()
             self.watcher: asyncio.Task | None = None
             self.swap_lock = asyncio.Lock()
+            self.compute = asyncio.Lock()  # one batch at a time on the replica's torch threads
 
         async def reconfigure(self, config: dict[str, Any]) -> None:
             """``user_config``: ``alias_check_interval_s``; any change also re-resolves aliases now."""
@@ -471,27 +473,17 @@ def model_server(args: ServeArgs) -> Any:
                     swapped.append(name)
             return swapped
 
-        async def run(self, task: str, image: bytes, top_k: int, text: str | None) -> dict[str, Any]:
-            """One request for the model the call is multiplexed to: its result, or ``{"error", "status"}``."""
-            name = serve.get_multiplexed_model_id()
-            await self.slot(name)  # loaded here, so a load neither holds up nor fails a batch of other models
-            return await self._batch((name, task, image, top_k, text))
+        async def run(self, task: str, items: list[Item]) -> list[dict[str, Any]]:
+            """A batch of ``task`` requests for the model the call is multiplexed to, run in one call: each
+            request's result, or ``{"error", "status"}``."""
+            served = (await self.slot(serve.get_multiplexed_model_id())).current
+            async with self.compute:
+                results = await asyncio.to_thread(_TASKS[task], served, items)
+            return [{"model": served.name, "version": served.resolved.version, **result} for result in results]
 
         async def describe(self) -> dict[str, Any]:
             """What :meth:`Served.describe` says of the model the call is multiplexed to."""
             return (await self.slot(serve.get_multiplexed_model_id())).current.describe()
-
-        @serve.batch(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s)
-        async def _batch(self, requests: list[tuple[str, str, bytes, int, str | None]]) -> list[dict[str, Any]]:
-            """Requests of any models and tasks, run in one call per (model, task)."""
-            results: list[dict[str, Any]] = [{}] * len(requests)
-            for name, task in dict.fromkeys(request[:2] for request in requests):
-                served = (await self.slot(name)).current
-                rows = [i for i, request in enumerate(requests) if request[:2] == (name, task)]
-                items = [requests[i][2:] for i in rows]
-                for row, result in zip(rows, await asyncio.to_thread(_TASKS[task], served, items), strict=True):
-                    results[row] = {"model": served.name, "version": served.resolved.version, **result}
-            return results
 
     return ModelServer
 
@@ -505,8 +497,9 @@ def ingress(args: ServeArgs) -> Any:
     @serve.deployment(name="Ingress")
     @serve.ingress(app)
     class Ingress:
-        """Auth, body and image checks and JSON errors; each request goes to a ``ModelServer`` replica holding
-        its model, once more to another when that replica is lost mid-call."""
+        """Auth, body and image checks and JSON errors; requests batched, each batch's requests of one model
+        sent in one call to a ``ModelServer`` replica holding it, once more to another when that replica is
+        lost mid-call."""
 
         def __init__(self, settings: dict[str, Any], models: DeploymentHandle) -> None:
             self.args = ServeArgs.model_validate(settings)
@@ -597,10 +590,34 @@ def ingress(args: ServeArgs) -> Any:
 
         async def _task(self, request: Request, task: str) -> dict[str, Any]:
             name, image, top_k, text = await self._image_request(request)
-            result = await self._call(name, "run", task, image, top_k, text)
+            result = await self._batch((name, task, image, top_k, text))
+            if isinstance(result, ApiError):
+                raise result
             if "error" in result:
                 raise ApiError(result.get("status", 422), result["error"])
             return result
+
+        @serve.batch(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s)
+        async def _batch(self, requests: list[tuple[str, str, bytes, int, str | None]]) -> list[Any]:
+            """Requests of any models and tasks: one model-server call per (model, task), run side by side.
+            Each request gets its result, or the :class:`ApiError` of its call."""
+            groups = {
+                key: [i for i, request in enumerate(requests) if request[:2] == key]
+                for key in {r[:2] for r in requests}
+            }
+
+            async def run(name: str, task: str, rows: list[int]) -> list[Any]:
+                try:
+                    return await self._call(name, "run", task, [requests[i][2:] for i in rows])
+                except ApiError as err:
+                    return [err] * len(rows)
+
+            answers = await asyncio.gather(*(run(name, task, rows) for (name, task), rows in groups.items()))
+            results: list[Any] = [None] * len(requests)
+            for rows, answer in zip(groups.values(), answers, strict=True):
+                for row, result in zip(rows, answer, strict=True):
+                    results[row] = result
+            return results
 
         @app.post("/v1/classify")
         async def classify(self, request: Request) -> dict[str, Any]:

@@ -8,8 +8,7 @@ import json
 import os
 import subprocess
 import sys
-
-import pytest
+from concurrent.futures import ThreadPoolExecutor
 
 from conftest import REPO
 
@@ -79,13 +78,21 @@ def test_a_local_ray_listens_on_loopback_only():
     assert set(addresses) <= LOOPBACK, addresses
 
 
-@pytest.mark.parametrize("job", JOBS)
-def test_every_job_imports_pretrainlab_before_ray(job):
-    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, on import; pretrainlab sets it, so it must come first."""
-    check = f"import sys; sys.path.insert(0, 'jobs'); import {job}; import ray._private.ray_constants as c; "
-    check += "print(c.ENABLE_RAY_CLUSTER)"
-    run = subprocess.run(
-        [sys.executable, "-c", check], env=unexported_env(), cwd=REPO, capture_output=True, text=True, timeout=120
+def test_every_job_imports_pretrainlab_before_ray():
+    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, on import; pretrainlab sets it, so it must come first.
+    Each job is imported in a fresh interpreter of its own (all at once)."""
+
+    def ray_cluster_mode_after_importing(job: str) -> str:
+        check = f"import sys; sys.path.insert(0, 'jobs'); import {job}; import ray._private.ray_constants as c; "
+        check += "print(c.ENABLE_RAY_CLUSTER)"
+        run = subprocess.run(
+            [sys.executable, "-c", check], env=unexported_env(), cwd=REPO, capture_output=True, text=True, timeout=300
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout.split()[-1]
+
+    with ThreadPoolExecutor(len(JOBS)) as pool:
+        modes = dict(zip(JOBS, pool.map(ray_cluster_mode_after_importing, JOBS), strict=True))
+    assert modes == dict.fromkeys(JOBS, "False"), "these jobs import ray before pretrainlab: " + ", ".join(
+        job for job, mode in modes.items() if mode != "False"
     )
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split()[-1] == "False", f"jobs/{job}.py imports ray before pretrainlab"

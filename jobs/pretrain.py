@@ -61,7 +61,7 @@ from pretrainlab.tracking.mlflow import (
     resolve_tracking_uri,
     start_or_resume_run,
 )
-from pretrainlab.train.checkpoint import CheckpointError, load_checkpoint
+from pretrainlab.train.checkpoint import CheckpointError, verify_checkpoint
 from pretrainlab.train.evaluate import evaluate_checkpoint
 from pretrainlab.train.generation_eval import evaluate_generation_split, generation_samples_figure
 from pretrainlab.train.image_text import evaluate_retrieval_split
@@ -120,7 +120,7 @@ def best_good_checkpoint(result: Result, score: str, mode: str) -> tuple[Checkpo
     for checkpoint, metrics in ranked:
         try:
             with checkpoint.as_directory() as folder:
-                load_checkpoint(folder)
+                verify_checkpoint(folder)
         except CheckpointError as err:
             print(f"warning: passing over a damaged checkpoint: {err}", flush=True)
             continue

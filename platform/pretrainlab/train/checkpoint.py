@@ -124,6 +124,21 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
 
 
+def verify_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint folder whose weights match their recorded sha256 (nothing is loaded).
+
+    Raises:
+        CheckpointError: A file is missing, or the weights do not match their recorded sha256.
+    """
+    meta = read_meta(directory)
+    weights_path = Path(directory) / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path}: missing")
+    if _sha256(weights_path) != meta.get("weights_sha256"):
+        raise CheckpointError(f"{weights_path}: sha256 does not match config.json; the checkpoint is corrupted")
+    return meta
+
+
 def load_checkpoint(directory: str | os.PathLike, with_training_state: bool = False) -> LoadedCheckpoint:
     """Load and verify a checkpoint folder.
 
@@ -131,12 +146,8 @@ def load_checkpoint(directory: str | os.PathLike, with_training_state: bool = Fa
         CheckpointError: A file is missing, or the weights do not match their recorded sha256.
     """
     path = Path(directory)
-    meta = read_meta(path)
+    meta = verify_checkpoint(path)
     weights_path = path / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise CheckpointError(f"{weights_path}: missing")
-    if _sha256(weights_path) != meta.get("weights_sha256"):
-        raise CheckpointError(f"{weights_path}: sha256 does not match config.json; the checkpoint is corrupted")
     try:
         weights = load_file(str(weights_path))
     except SafetensorError as err:

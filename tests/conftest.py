@@ -20,6 +20,10 @@ import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 
 import pytest  # noqa: E402
+import ray.data  # noqa: E402, F401
+
+# Ray Data's console log handler keeps the sys.stderr of the moment ray.data is first imported. Imported here, that
+# is the session's stream; imported inside a test, it would be that test's capsys stream, closed after the test.
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

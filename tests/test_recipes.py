@@ -231,21 +231,25 @@ def test_recipe_config_errors_name_the_key():
     ids=lambda op: op["type"],
 )
 def test_policy_augmentations_change_each_image_on_its_own(op):
-    torch.manual_seed(0)
-    images = torch.from_numpy(np.random.default_rng(0).integers(30, 226, (16, 1, 28, 28), dtype=np.uint8))
+    images = torch.from_numpy(np.random.default_rng(0).integers(30, 226, (32, 1, 28, 28), dtype=np.uint8))
     pipeline = ImagePipeline([op])
-    for seed in range(20):  # every operation and level the policy draws works (Posterize at 0 bits included)
-        random.seed(seed)  # timm's policies draw from Python's random
+    for seed in range(21):  # every operation and level the policy draws works (Posterize at 0 bits included)
+        random.seed(seed)  # timm's policies draw from Python's and NumPy's global generators
+        np.random.seed(seed)
         torch.manual_seed(seed)
-        pipeline(images)
-    random.seed(0)
-    out = pipeline(images)
+        out = pipeline(images)
     assert out.shape == images.shape and out.dtype == torch.uint8
-    changed = (out != images).flatten(1).any(dim=1)
-    assert changed.sum() >= 8, changed  # AutoAugment's sub-policies apply each op with a probability
     changes = [(o != i) for o, i in zip(out, images, strict=True)]
-    amounts = {round((o.float() - i.float()).abs().mean().item(), 2) for o, i in zip(out, images, strict=True)}
-    assert len(amounts) > 8, amounts  # each image got its own operations and magnitudes
+    changed = [o for o, change in zip(out, changes, strict=True) if change.any()]
+    # A policy applied to the batch as a whole would change all images or none; per image, each op fires with its
+    # own probability (about 22 of 32 images change on average, never fewer than 15 over 200 seeds).
+    assert 12 <= len(changed), len(changed)
+    amounts = {
+        round((o.float() - i.float()).abs().mean().item(), 2)
+        for o, i, change in zip(out, images, changes, strict=True)
+        if change.any()
+    }
+    assert len(amounts) >= 12, amounts  # each changed image got its own operations and magnitudes
     if op["type"] == "RandomErasing":  # a rectangle of zeros in every image
         for image, change in zip(out, changes, strict=True):
             rows, cols = change[0].any(dim=1).nonzero(), change[0].any(dim=0).nonzero()

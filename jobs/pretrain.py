@@ -33,6 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,22 +111,24 @@ def git_commit() -> str:
         return "unknown"
 
 
-def best_good_checkpoint(result: Result, score: str, mode: str) -> tuple[Checkpoint, dict]:
-    """The best kept checkpoint by ``score`` that passes verification, and its metrics; a corrupted one is
-    named and passed over.
+@contextmanager
+def best_good_checkpoint(result: Result, score: str, mode: str) -> Iterator[tuple[Checkpoint, dict, str]]:
+    """The best kept checkpoint by ``score`` that passes verification, its metrics, and a local folder holding it
+    while the context lasts (a checkpoint on S3 is downloaded once); a corrupted one is named and passed over.
 
     Raises:
         CheckpointError: None of the kept checkpoints can be loaded.
     """
     ranked = sorted(result.best_checkpoints, key=lambda pair: pair[1][score], reverse=mode == "max")
     for checkpoint, metrics in ranked:
-        try:
-            with checkpoint.as_directory() as folder:
+        with checkpoint.as_directory() as folder:
+            try:
                 verify_checkpoint(folder)
-        except CheckpointError as err:
-            print(f"warning: passing over a damaged checkpoint: {err}", flush=True)
-            continue
-        return checkpoint, metrics
+            except CheckpointError as err:
+                print(f"warning: passing over a damaged checkpoint: {err}", flush=True)
+                continue
+            yield checkpoint, metrics, folder
+            return
     raise CheckpointError(f"none of the {len(ranked)} kept checkpoints of the run can be loaded")
 
 
@@ -217,11 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         client.set_terminated(run_id, "FAILED")
         raise
     score = cfg.train.checkpoint.score_metric
-    best, best_metrics = best_good_checkpoint(result, score, cfg.train.checkpoint.score_mode)
-    # the best epoch's value, so that jobs/promote.py --metric best/val/top1 ranks runs by their checkpoints
-    client.log_metric(run_id, f"best/{score}", best_metrics[score])
     step = int(result.metrics["step"])
-    with best.as_directory() as folder:
+    with best_good_checkpoint(result, score, cfg.train.checkpoint.score_mode) as (best, best_metrics, folder):
+        # the best epoch's value, so that jobs/promote.py --metric best/val/top1 ranks runs by their checkpoints
+        client.log_metric(run_id, f"best/{score}", best_metrics[score])
         task = get_strategy(cfg.strategy).TASK
         if task == "embedding":
             knn = evaluate_embedding(client, run_id, folder, data_folder, cfg, step)

@@ -158,9 +158,16 @@ def test_the_final_evaluation_passes_over_a_damaged_best_checkpoint(tmp_path, ca
         path=str(tmp_path),
         best_checkpoints=[(Checkpoint(str(f)), s) for f, s in zip(folders, scores, strict=True)],
     )
-    assert best_good_checkpoint(result, "val/top1", "max")[1] == {"val/top1": 90.0}
+    with best_good_checkpoint(result, "val/top1", "max") as (_, metrics, folder):
+        assert metrics == {"val/top1": 90.0} and folder == str(folders[1])
     corrupt(folders[1])
-    checkpoint, metrics = best_good_checkpoint(result, "val/top1", "max")
-    assert checkpoint.path == str(folders[2]) and metrics == {"val/top1": 70.0}
+    with best_good_checkpoint(result, "val/top1", "max") as (checkpoint, metrics, folder):
+        assert checkpoint.path == folder == str(folders[2]) and metrics == {"val/top1": 70.0}
     assert f"passing over a damaged checkpoint: {folders[1]}" in capsys.readouterr().out
-    assert best_good_checkpoint(result, "val/top1", "min")[1] == {"val/top1": 50.0}
+    with best_good_checkpoint(result, "val/top1", "min") as (_, metrics, _):
+        assert metrics == {"val/top1": 50.0}
+    corrupt(folders[0])
+    corrupt(folders[2])
+    with pytest.raises(CheckpointError, match="none of the 3 kept checkpoints"):
+        with best_good_checkpoint(result, "val/top1", "max"):
+            pass

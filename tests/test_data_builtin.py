@@ -8,7 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pretrainlab.config import validate
 from pretrainlab.data.builtin import FASHION_MNIST_DIR, prepare_builtin
+from pretrainlab.data.catalog import dataset_location, prepared_location
 from pretrainlab.data.dataset import load_split_numpy
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.idx import read_idx
@@ -154,3 +156,17 @@ def test_real_fashion_mnist(tmp_path):
     _, labels = load_split_numpy(path, "test")
     assert np.bincount(labels).tolist() == [1000] * 10
     assert np.bincount(_column(path, "val", "label")).tolist() == [500] * 10
+
+
+def test_a_config_names_where_its_dataset_is_prepared_without_converting_it(tmp_path):
+    digits = validate({"name": "t", "data": {"dataset": "digits", "root": str(tmp_path)}})
+    assert dataset_location(digits) == str(tmp_path / "digits")
+    assert prepared_location(digits) is None and not (tmp_path / "digits").exists()
+    prepare_builtin("digits", tmp_path)
+    assert prepared_location(digits) == str(tmp_path / "digits")
+    scenes = validate({"name": "t", "data": {"dataset": "scenes/vqa", "root": str(tmp_path)}})
+    assert dataset_location(scenes) == str(tmp_path / "scenes" / "vqa") and prepared_location(scenes) is None
+    on_s3 = validate({"name": "t", "data": {"dataset": "s3://bucket/sets/shapes"}})
+    assert dataset_location(on_s3) == "s3://bucket/sets/shapes"
+    a_file = validate({"name": "t", "data": {"dataset": str(tmp_path / "digits" / "manifest.json")}})
+    assert prepared_location(a_file) is None

@@ -32,7 +32,6 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from pretrainlab.analysis.outputs import add_output_arguments, publish, write_csv
 from pretrainlab.config import ConfigError, ExperimentConfig, load_config
 from pretrainlab.data.errors import DatasetError
-from pretrainlab.paths import resolve
 
 DEFAULT_INPUT_SIZE = 224
 DEFAULT_IN_CHANS = 3
@@ -58,22 +57,6 @@ class BuiltModel:
 def is_config(spec: str) -> bool:
     """Whether ``spec`` names a config file (rather than a timm model)."""
     return spec.endswith((".yaml", ".yml")) or Path(spec).is_file()
-
-
-def dataset_folder(cfg: ExperimentConfig) -> Path:
-    """Where the config's dataset is (or would be) prepared: ``data.root/NAME`` for a built-in set, else its path."""
-    from pretrainlab.data.builtin import BUILTIN_DATASETS
-
-    name = cfg.data.dataset
-    return Path(resolve(cfg.data.root)) / name if name in BUILTIN_DATASETS else Path(resolve(name))
-
-
-def prepared_dataset(cfg: ExperimentConfig) -> str | None:
-    """The folder of the config's dataset when it is already prepared (never converts anything), else None."""
-    from pretrainlab.data.shards import MANIFEST_FILE
-
-    folder = dataset_folder(cfg)
-    return str(folder) if (folder / MANIFEST_FILE).is_file() else None
 
 
 def dataset_input(cfg: ExperimentConfig, folder: str) -> tuple[int, tuple[int, int, int]]:
@@ -129,10 +112,11 @@ def model_builder(
     """
     if is_config(spec):
         cfg = load_config(spec, overrides)
+        from pretrainlab.data.catalog import prepared_location
         from pretrainlab.models.backbones import BackboneError
         from pretrainlab.strategies import get_strategy
 
-        folder = prepared_dataset(cfg)
+        folder = prepared_location(cfg)
         if folder is not None and (input_size is None or in_chans is None or num_classes is None):
             found_classes, found_shape = dataset_input(cfg, folder)
             source = f"dataset {cfg.data.dataset}"

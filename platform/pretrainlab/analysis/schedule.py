@@ -44,13 +44,13 @@ def steps_per_epoch(cfg: ExperimentConfig, given: int | None) -> tuple[int, str]
         if given < 1:
             raise ScheduleError(f"--steps-per-epoch must be >= 1, got {given}")
         return given, "given with --steps-per-epoch"
-    from pretrainlab.analysis.flops import dataset_folder, prepared_dataset
+    from pretrainlab.data.catalog import dataset_location, prepared_location
     from pretrainlab.data.shards import load_manifest
 
-    folder = prepared_dataset(cfg)
+    folder = prepared_location(cfg)
     if folder is None:
         raise ScheduleError(
-            f"dataset {cfg.data.dataset!r} is not prepared (no manifest.json in {dataset_folder(cfg)}); "
+            f"dataset {cfg.data.dataset!r} is not prepared (no manifest.json in {dataset_location(cfg)}); "
             "give --steps-per-epoch N"
         )
     splits = load_manifest(folder)["splits"]

@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 
 from pretrainlab.config import ExperimentConfig
 from pretrainlab.data.builtin import BUILTIN_DATASETS, SCENES, prepare_builtin, prepare_scenes
-from pretrainlab.data.shards import SCHEMAS, load_manifest, shard_paths
+from pretrainlab.data.shards import MANIFEST_FILE, SCHEMAS, load_manifest, shard_paths
 from pretrainlab.paths import resolve
+from pretrainlab.storage import join, open_input
 
 SCENES_TASKS = tuple(task for task in SCHEMAS if task != "classification")
 """The datasets of the scenes set: one per image-text task."""
@@ -34,6 +35,23 @@ def dataset_dir(cfg: ExperimentConfig) -> str:
     if family == SCENES and task in SCENES_TASKS:
         return str(prepare_scenes(resolve(cfg.data.root), seed=cfg.runtime.seed) / task)
     return resolve(name)
+
+
+def dataset_location(cfg: ExperimentConfig) -> str:
+    """Where ``cfg.data.dataset`` is, or would be, prepared: a folder or a URI. Unlike :func:`dataset_dir` it
+    converts nothing."""
+    name = cfg.data.dataset
+    return join(resolve(cfg.data.root), name) if is_builtin(name) else resolve(name)
+
+
+def prepared_location(cfg: ExperimentConfig) -> str | None:
+    """:func:`dataset_location` when a prepared dataset is there (it has a ``manifest.json``), else None."""
+    location = dataset_location(cfg)
+    try:
+        with open_input(join(location, MANIFEST_FILE)):
+            return location
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def dataset_info(folder: str) -> dict[str, Any]:

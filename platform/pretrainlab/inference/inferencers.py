@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrainlab.data.catalog import dataset_location
 from pretrainlab.data.text import GROUNDING_PROMPT, VQA_PROMPT, bpe_ids, detokenize, tokens_to_box
 from pretrainlab.inference.inputs import ImageInput, as_list, load_image
-from pretrainlab.inference.zoo import dataset_folder, get_model, model_info
+from pretrainlab.inference.zoo import get_model, model_info
 from pretrainlab.models.generation import Hypothesis
 from pretrainlab.train.image_text import encode_texts
 
@@ -157,7 +158,7 @@ class ImageRetrievalInferencer:
         from pretrainlab.data.dataset import load_split_numpy  # deferred: it imports Ray Data
 
         extractor = FeatureExtractor(model, pretrained, device)
-        folder = dataset if dataset is not None else dataset_folder(extractor.info.config)
+        folder = dataset if dataset is not None else dataset_location(extractor.info.config)
         images, _ = load_split_numpy(folder, split)
         return cls(extractor.model, list(images.transpose(0, 2, 3, 1)), batch_size=batch_size)
 

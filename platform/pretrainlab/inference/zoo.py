@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import json
 import os
 import re
 import warnings
@@ -34,12 +33,11 @@ from mlflow.exceptions import MlflowException
 from torch import nn
 
 from pretrainlab.config import ExperimentConfig, load_config
-from pretrainlab.data.catalog import dataset_info, is_builtin
+from pretrainlab.data.catalog import dataset_info, dataset_location, prepared_location
 from pretrainlab.data.errors import DatasetError
-from pretrainlab.data.shards import MANIFEST_FILE, shard_paths
+from pretrainlab.data.shards import load_manifest, shard_paths
 from pretrainlab.inference.inputs import InputPreprocessor
 from pretrainlab.inference.loading import MLFLOW_SCHEMES, load_model
-from pretrainlab.paths import is_uri, resolve
 from pretrainlab.strategies import STRATEGIES, get_strategy
 from pretrainlab.tracking.mlflow import TrackingError, check_tracking, client_for, resolve_tracking_uri
 from pretrainlab.tracking.registry import DEFAULT_ALIAS, alias_holder, open_store
@@ -90,8 +88,8 @@ def model_task(cfg: ExperimentConfig, dataset_task: str | None = None) -> str:
         return task
     if dataset_task is not None:
         return dataset_task
-    manifest = dataset_folder(cfg) / MANIFEST_FILE
-    return json.loads(manifest.read_text())["task"] if manifest.is_file() else task
+    location = prepared_location(cfg)
+    return load_manifest(location)["task"] if location is not None else task
 
 
 def model_info(model: nn.Module) -> ModelInfo:
@@ -288,13 +286,13 @@ def _served_uri(model: str, tracking_uri: str | None, hint: str = "") -> str:
 
 def _random_model(name: str, path: Path, cfg: ExperimentConfig, device: torch.device) -> nn.Module:
     """The config's model as training starts it: classes and channels from its prepared dataset."""
-    folder = dataset_folder(cfg)
-    if not (folder / MANIFEST_FILE).is_file():
+    location = prepared_location(cfg)
+    if location is None:
         raise ValueError(
-            f"{name}: dataset {cfg.data.dataset!r} is not prepared in {folder}; its classes and channels size the "
-            "model: convert it first (jobs/prepare_data.py; a training run converts a built-in set)"
+            f"{name}: dataset {cfg.data.dataset!r} is not prepared in {dataset_location(cfg)}; its classes and "
+            "channels size the model: convert it first (jobs/prepare_data.py; a training run converts a built-in set)"
         )
-    facts = dataset_info(str(folder))
+    facts = dataset_info(location)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.runtime.seed)
         model = get_strategy(cfg.strategy).build_model(cfg, facts["num_classes"], facts["in_chans"])
@@ -310,19 +308,12 @@ def _random_model(name: str, path: Path, cfg: ExperimentConfig, device: torch.de
     return model.to(device).eval()
 
 
-def dataset_folder(cfg: ExperimentConfig) -> Path:
-    """Where ``cfg.data.dataset`` is (or would be) prepared; unlike ``dataset_dir`` this converts nothing."""
-    name = cfg.data.dataset
-    return Path(resolve(cfg.data.root)) / name if is_builtin(name) else Path(resolve(name))
-
-
 def _image_size(cfg: ExperimentConfig, name: str) -> tuple[int, int] | None:
     """H x W shared by every training image of the config's dataset (a folder or a URI); None for mixed sizes or
     no dataset here."""
     dataset = cfg.data.dataset
-    folder = dataset if is_uri(dataset) else dataset_folder(cfg)
     try:
-        paths = shard_paths(folder, "train")
+        paths = shard_paths(dataset_location(cfg), "train")
     except DatasetError as err:
         warnings.warn(
             f"{name}: dataset {dataset!r} cannot be read ({err}), so the training image size is unknown: inputs "

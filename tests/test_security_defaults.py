@@ -8,12 +8,28 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 from conftest import REPO
 
 LOOPBACK = {"127.0.0.1", "::1"}
 JOBS = sorted(path.stem for path in (REPO / "jobs").glob("*.py"))
+
+IMPORT_ORDER = r"""
+import json, multiprocessing, sys
+sys.path.insert(0, "jobs")
+import matplotlib.pyplot, mlflow, sklearn, timm, torch
+assert not {"ray", "pretrainlab"} & set(sys.modules), "the shared imports must leave Ray and pretrainlab to the jobs"
+
+def cluster_mode(job):
+    __import__(job)
+    import ray._private.ray_constants as constants
+    return str(constants.ENABLE_RAY_CLUSTER)
+
+if __name__ == "__main__":
+    jobs = sys.argv[1:]
+    with multiprocessing.get_context("fork").Pool(len(jobs), maxtasksperchild=1) as pool:
+        print(json.dumps(dict(zip(jobs, pool.map(cluster_mode, jobs, chunksize=1)))))
+"""
 
 LISTENERS = r"""
 import importlib.util, ipaddress, json, os, sys
@@ -80,19 +96,18 @@ def test_a_local_ray_listens_on_loopback_only():
 
 def test_every_job_imports_pretrainlab_before_ray():
     """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, on import; pretrainlab sets it, so it must come first.
-    Each job is imported in a fresh interpreter of its own (all at once)."""
-
-    def ray_cluster_mode_after_importing(job: str) -> str:
-        check = f"import sys; sys.path.insert(0, 'jobs'); import {job}; import ray._private.ray_constants as c; "
-        check += "print(c.ENABLE_RAY_CLUSTER)"
-        run = subprocess.run(
-            [sys.executable, "-c", check], env=unexported_env(), cwd=REPO, capture_output=True, text=True, timeout=300
-        )
-        assert run.returncode == 0, run.stderr[-2000:]
-        return run.stdout.split()[-1]
-
-    with ThreadPoolExecutor(len(JOBS)) as pool:
-        modes = dict(zip(JOBS, pool.map(ray_cluster_mode_after_importing, JOBS), strict=True))
+    Each job is imported in a fresh child process of its own, forked from one that holds the heavy shared
+    imports (none of which imports Ray or pretrainlab)."""
+    run = subprocess.run(
+        [sys.executable, "-c", IMPORT_ORDER, *JOBS],
+        env=unexported_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    modes = json.loads(run.stdout.strip().splitlines()[-1])
     assert modes == dict.fromkeys(JOBS, "False"), "these jobs import ray before pretrainlab: " + ", ".join(
         job for job, mode in modes.items() if mode != "False"
     )

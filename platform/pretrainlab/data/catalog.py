@@ -28,13 +28,12 @@ def dataset_dir(cfg: ExperimentConfig) -> str:
     Built-in names: ``fmnist``, ``digits`` and ``scenes/<task>`` (``caption``, ``vqa``, ``grounding``,
     ``retrieval``: the generated image-text set). Anything else is a folder path.
     """
-    name = cfg.data.dataset
+    name, root = cfg.data.dataset, resolve(cfg.data.root)
     if name in BUILTIN_DATASETS:
-        return str(prepare_builtin(name, resolve(cfg.data.root), seed=cfg.runtime.seed))
-    family, _, task = name.partition("/")
-    if family == SCENES and task in SCENES_TASKS:
-        return str(prepare_scenes(resolve(cfg.data.root), seed=cfg.runtime.seed) / task)
-    return resolve(name)
+        prepare_builtin(name, root, seed=cfg.runtime.seed)
+    elif is_builtin(name):
+        prepare_scenes(root, seed=cfg.runtime.seed)
+    return dataset_location(cfg)
 
 
 def dataset_location(cfg: ExperimentConfig) -> str:

@@ -133,8 +133,13 @@ def test_asha_sweep_tracks_every_trial_and_stops_bad_ones(_ray, project, capsys)
         assert child.info.status == "FINISHED"
         assert child.data.params["optim.lr"] in {"0.05", "1e-05", "0.1", "2e-05"}
         assert "best/val/top1" in child.data.metrics
-        epochs = len(client.get_metric_history(child.info.run_id, "val/top1"))
-        assert (epochs == 2) == (child.data.tags[STOP_REASON_TAG] == "completed")
+        logged_epochs = len(client.get_metric_history(child.info.run_id, "val/top1"))
+        reason = child.data.tags[STOP_REASON_TAG]
+        if reason == "completed":
+            assert logged_epochs == 2
+        else:
+            # ASHA decides on epoch 1; the stop reaches the workers asynchronously, so they may finish epoch 2
+            assert reason == "stopped early by ASHA after epoch 1" and logged_epochs >= 1
 
     best_child = max(children, key=lambda c: c.data.metrics["best/val/top1"])
     assert parent.data.metrics["sweep/best/val/top1"] == best_child.data.metrics["best/val/top1"]

@@ -7,7 +7,9 @@ The backbone's features of the train, validation and ``--split`` splits are extr
 (evaluation preprocessing); the classifier trains on the train features (standardised with
 their mean and std) with SGD and a cosine schedule, the epoch with the best top-1 on
 ``--val-split`` is kept, and its top-1 / top-5 on ``--split`` reported. Works for a
-checkpoint of any strategy: only its ``backbone`` is used.
+checkpoint of any strategy: only its ``backbone`` is used. ``--features last-blocks`` takes a
+ViT's features as DINO's linear evaluation does: the class token after each of the last
+``--blocks`` blocks and the mean patch token, concatenated (default: the backbone's pooled output).
 
 The evaluation is logged as a run of its own, nested under the training run that made the
 checkpoint (when that run is known): metrics ``linear_probe/top1``, ``linear_probe/top5``, ``linear_probe/loss``,
@@ -27,7 +29,14 @@ from mlflow.entities import Metric
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.tracking.mlflow import TrackingError, check_tracking, client_for, resolve_tracking_uri
 from pretrainlab.train.checkpoint import CheckpointError
-from pretrainlab.train.probe import ProbeHistory, checkpoint_features, evaluate_probe, train_linear_probe
+from pretrainlab.train.probe import (
+    FEATURE_KINDS,
+    FeatureError,
+    ProbeHistory,
+    checkpoint_features,
+    evaluate_probe,
+    train_linear_probe,
+)
 
 TRAIN_SPLIT = "train"
 MLFLOW_BATCH = 1000
@@ -46,6 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--val-split", default="val", help="split that picks the best epoch (default: val)")
     parser.add_argument("--data", help="prepared dataset folder (default: the one in the checkpoint's config)")
     parser.add_argument("--batch-size", type=int, default=512, help="images per forward pass")
+    parser.add_argument(
+        "--features", choices=FEATURE_KINDS, default="pooled", help="backbone features to probe (default: pooled)"
+    )
+    parser.add_argument("--blocks", type=int, default=4, help="ViT blocks for --features last-blocks (default: 4)")
     parser.add_argument("--no-mlflow", action="store_true", help="print the metrics only")
     return parser.parse_args(argv)
 
@@ -84,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         if not args.no_mlflow or args.source.startswith(("models:/", "runs:/")):
             check_tracking(tracking_uri)
-        found = checkpoint_features(args.source, [TRAIN_SPLIT, args.val_split, args.split], args.data, args.batch_size)
-    except (ArgumentError, TrackingError, CheckpointError, DatasetError) as err:
+        splits = [TRAIN_SPLIT, args.val_split, args.split]
+        found = checkpoint_features(args.source, splits, args.data, args.batch_size, args.features, args.blocks)
+    except (ArgumentError, TrackingError, CheckpointError, FeatureError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     linear, history = train_linear_probe(
@@ -114,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         "probe_batch_size": args.probe_batch_size,
         "seed": args.seed,
         "val_split": args.val_split,
+        "features": args.features,
     }
+    if args.features == "last-blocks":
+        params["blocks"] = args.blocks
     run_id = start_child_run(client, found.loaded.meta, args.source, args.split, "linear_probe", params)
     log_probe(client, run_id, metrics, history)
     client.set_terminated(run_id, "FINISHED")

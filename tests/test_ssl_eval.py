@@ -16,6 +16,7 @@ import linear_probe
 import numpy as np
 import pretrain
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
@@ -28,7 +29,14 @@ from pretrainlab.strategies import supervised
 from pretrainlab.tracking.mlflow import client_for, ensure_experiment
 from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.train.knn import knn_predict
-from pretrainlab.train.probe import evaluate_probe, extract_features, knn_accuracies, train_linear_probe
+from pretrainlab.train.probe import (
+    FeatureError,
+    evaluate_probe,
+    extract_features,
+    feature_extractor,
+    knn_accuracies,
+    train_linear_probe,
+)
 
 DIGITS_CONFIG = CONFIGS / "test-resnet_2xb32_digits.yaml"
 FINETUNE_CONFIG = CONFIGS / "finetune_vit-d6w96-p4_fmnist.yaml"
@@ -59,6 +67,21 @@ def digits(tmp_path_factory):
         checkpoint = train_digits_checkpoint(cfg, folder, home / "checkpoint", 30, parent)
         client.log_artifacts(parent, str(checkpoint), "checkpoint")
         yield SimpleNamespace(cfg=cfg, folder=folder, client=client, parent=parent, checkpoint=checkpoint)
+
+
+@pytest.fixture(scope="module")
+def digits_vit(digits):
+    """A 3-block ViT (2 x 2 patches of the 8 x 8 digits) trained like ``digits``' checkpoint, in the same run."""
+    vit = "{img_size: 8, patch_size: 2, depth: 3, embed_dim: 24, num_heads: 2}"
+    cfg = load_config(
+        DIGITS_CONFIG,
+        [
+            "model.backbone=vit_tiny_patch16_224",
+            f"model.backbone_kwargs={vit}",
+            "model.stem_stride=null",
+        ],
+    )
+    return train_digits_checkpoint(cfg, digits.folder, digits.checkpoint.parent / "vit-checkpoint", 30, digits.parent)
 
 
 def child_runs(client, parent: str) -> list:
@@ -101,6 +124,35 @@ def test_extract_features_runs_the_backbone_in_eval_mode_without_grad(digits):
     mean, std = digits.cfg.data.mean[0], digits.cfg.data.std[0]
     expected = backbone[2]((torch.from_numpy(images).float().flatten(1) / 255 - mean) / std)
     torch.testing.assert_close(first, expected.detach())
+
+
+def test_last_blocks_features_are_dinos_class_tokens_and_mean_patch_token():
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=2, depth=3, embed_dim=24, num_heads=2)
+    vit.eval()
+    block_outputs = []
+    for block in vit.blocks:
+        block.register_forward_hook(lambda module, inputs, output: block_outputs.append(output))
+    images = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        features = feature_extractor(vit, "last-blocks", blocks=2)(images)
+        block_outputs.clear()
+        vit(images)
+        last, before = vit.norm(block_outputs[2]), vit.norm(block_outputs[1])
+    assert features.shape == (5, 3 * 24)
+    expected = torch.cat([before[:, 0], last[:, 0], last[:, 1:].mean(dim=1)], dim=1)
+    torch.testing.assert_close(features, expected)
+    assert feature_extractor(vit, "pooled") is vit
+
+
+def test_last_blocks_features_reject_backbones_they_do_not_fit():
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=2, depth=3, embed_dim=24, num_heads=2)
+    with pytest.raises(FeatureError, match="blocks must be between 1 and the ViT's depth 3, got 4"):
+        feature_extractor(vit, "last-blocks", blocks=4)
+    with pytest.raises(FeatureError, match="need a timm ViT with a class token, not ResNet"):
+        feature_extractor(timm.create_model("resnet10t"), "last-blocks")
+    with pytest.raises(FeatureError, match="unknown features 'patches'; choose from pooled, last-blocks"):
+        feature_extractor(vit, "patches")
 
 
 # --- linear probe ------------------------------------------------------------------------------
@@ -160,14 +212,34 @@ def test_knn_eval_job_logs_a_child_run_of_the_training_run(digits, capsys):
 def test_linear_probe_job_logs_metrics_and_the_val_curve(digits, capsys):
     assert linear_probe.main([str(digits.checkpoint), "--epochs", "20"]) == 0
     assert "linear probe on test: top-1" in capsys.readouterr().out
-    [run] = [
-        r for r in child_runs(digits.client, digits.parent) if r.data.tags["pretrainlab.protocol"] == "linear_probe"
-    ]
+    [run] = probe_runs(digits, "pooled")
     metrics = run.data.metrics
     assert metrics["linear_probe/top1"] > 50.0 and metrics["linear_probe/top5"] >= metrics["linear_probe/top1"]
     curve = digits.client.get_metric_history(run.info.run_id, "linear_probe/val_top1")
     assert sorted(m.step for m in curve) == list(range(1, 21))
     assert metrics["linear_probe/best_epoch"] in {m.step for m in curve}
+    assert "blocks" not in run.data.params
+
+
+def test_linear_probe_job_on_a_vits_last_blocks(digits, digits_vit, capsys):
+    args = [str(digits_vit), "--epochs", "20", "--features", "last-blocks", "--blocks", "2"]
+    assert linear_probe.main(args) == 0
+    assert "linear probe on test: top-1" in capsys.readouterr().out
+    [run] = probe_runs(digits, "last-blocks")
+    assert run.data.params["blocks"] == "2"
+    assert run.data.metrics["linear_probe/top1"] > 30.0  # 10 classes; 30 SGD steps teach this ViT little
+    assert linear_probe.main([str(digits.checkpoint), "--features", "last-blocks", "--no-mlflow"]) == 2
+    assert "error: last-blocks features need a timm ViT with a class token, not ResNet" in capsys.readouterr().err
+
+
+def probe_runs(digits, features: str) -> list:
+    """The digits run's linear-probe child runs on ``features``."""
+    runs = child_runs(digits.client, digits.parent)
+    return [
+        r
+        for r in runs
+        if r.data.tags["pretrainlab.protocol"] == "linear_probe" and r.data.params["features"] == features
+    ]
 
 
 @pytest.mark.parametrize("job", [knn_eval, linear_probe])

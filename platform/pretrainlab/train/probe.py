@@ -3,6 +3,10 @@
 Features are extracted once per split (evaluation preprocessing, backbone in eval mode); the
 linear probe then trains a linear classifier for many epochs on the cached features, standardised
 with the training split's mean and std, and keeps the epoch with the best validation top-1.
+
+Which features: ``pooled`` is the backbone's own output (a ResNet's average pool, a ViT's class
+token); ``last-blocks`` is DINO's linear-evaluation protocol for ViTs, the class token after each of
+the last N blocks concatenated with the mean patch token of the last block.
 """
 
 from __future__ import annotations
@@ -24,6 +28,44 @@ from pretrainlab.inference.loading import LoadedModel, load_model
 from pretrainlab.train.checkpoint import CheckpointError
 from pretrainlab.train.evaluate import eval_batches, evaluate_logits
 from pretrainlab.train.knn import knn_top1
+
+FEATURE_KINDS = ("pooled", "last-blocks")
+
+
+class FeatureError(ValueError):
+    """The requested features cannot be taken from this backbone."""
+
+
+class LastBlocksFeatures(nn.Module):
+    """DINO's linear-evaluation features of a timm ViT: the class token after each of the last ``blocks``
+    blocks (final norm applied) and the mean patch token of the last block, concatenated."""
+
+    def __init__(self, vit: nn.Module, blocks: int) -> None:
+        super().__init__()
+        if not (hasattr(vit, "forward_intermediates") and getattr(vit, "has_class_token", False)):
+            raise FeatureError(f"last-blocks features need a timm ViT with a class token, not {type(vit).__name__}")
+        depth = len(vit.blocks)
+        if not 1 <= blocks <= depth:
+            raise FeatureError(
+                f"last-blocks features: blocks must be between 1 and the ViT's depth {depth}, got {blocks}"
+            )
+        self.vit, self.blocks = vit, blocks
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        outputs = self.vit.forward_intermediates(
+            images, self.blocks, return_prefix_tokens=True, norm=True, output_fmt="NLC", intermediates_only=True
+        )
+        class_tokens = [prefix[:, 0] for _, prefix in outputs]
+        return torch.cat([*class_tokens, outputs[-1][0].mean(dim=1)], dim=1)
+
+
+def feature_extractor(backbone: nn.Module, kind: str = "pooled", blocks: int = 4) -> nn.Module:
+    """The module whose output is the ``kind`` of features of ``backbone`` (one of ``FEATURE_KINDS``)."""
+    if kind == "pooled":
+        return backbone
+    if kind == "last-blocks":
+        return LastBlocksFeatures(backbone, blocks)
+    raise FeatureError(f"unknown features {kind!r}; choose from {', '.join(FEATURE_KINDS)}")
 
 
 @torch.no_grad()
@@ -66,17 +108,21 @@ def checkpoint_features(
     splits: Iterable[str],
     data_folder: str | None = None,
     batch_size: int = 512,
+    kind: str = "pooled",
+    blocks: int = 4,
 ) -> CheckpointFeatures:
-    """Backbone features of each of ``splits`` of the checkpoint's dataset (or ``data_folder``), extracted once.
+    """Backbone features (``kind``, see ``feature_extractor``) of each of ``splits`` of the checkpoint's
+    dataset (or ``data_folder``), extracted once.
 
     Raises:
         CheckpointError: the checkpoint cannot be fetched or loaded.
+        FeatureError: the backbone has no features of that kind.
         DatasetError: a split is unknown or its shards are damaged (checked before any features are computed).
     """
     loaded = load_model(source)
+    backbone = feature_extractor(backbone_of(loaded), kind, blocks)
     folder = data_folder or dataset_dir(loaded.config)
     arrays = {split: load_split_numpy(folder, split) for split in dict.fromkeys(splits)}
-    backbone = backbone_of(loaded)
     features = {
         split: (extract_features(backbone, images, loaded.config.data, batch_size), torch.from_numpy(labels))
         for split, (images, labels) in arrays.items()

@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pretrainlab  # noqa: F401  # isort: skip  # first: it keeps a local Ray on 127.0.0.1
 import numpy as np
 import ray
 import ray.data

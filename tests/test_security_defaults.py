@@ -12,11 +12,12 @@ import sys
 from conftest import REPO
 
 LOOPBACK = {"127.0.0.1", "::1"}
-JOBS = sorted(path.stem for path in (REPO / "jobs").glob("*.py"))
+SCRIPT_FOLDERS = ("jobs", "benchmarks")
+SCRIPTS = sorted(path.stem for folder in SCRIPT_FOLDERS for path in (REPO / folder).glob("*.py"))
 
 IMPORT_ORDER = r"""
 import json, multiprocessing, sys
-sys.path.insert(0, "jobs")
+sys.path[:0] = ["jobs", "benchmarks"]
 import matplotlib.pyplot, mlflow, sklearn, timm, torch
 assert not {"ray", "pretrainlab"} & set(sys.modules), "the shared imports must leave Ray and pretrainlab to the jobs"
 
@@ -94,12 +95,12 @@ def test_a_local_ray_listens_on_loopback_only():
     assert set(addresses) <= LOOPBACK, addresses
 
 
-def test_every_job_imports_pretrainlab_before_ray():
+def test_every_job_and_benchmark_imports_pretrainlab_before_ray():
     """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, on import; pretrainlab sets it, so it must come first.
-    Each job is imported in a fresh child process of its own, forked from one that holds the heavy shared
-    imports (none of which imports Ray or pretrainlab)."""
+    Each job or benchmark script is imported in a fresh child process of its own, forked from one that holds
+    the heavy shared imports (none of which imports Ray or pretrainlab)."""
     run = subprocess.run(
-        [sys.executable, "-c", IMPORT_ORDER, *JOBS],
+        [sys.executable, "-c", IMPORT_ORDER, *SCRIPTS],
         env=unexported_env(),
         cwd=REPO,
         capture_output=True,
@@ -108,6 +109,6 @@ def test_every_job_imports_pretrainlab_before_ray():
     )
     assert run.returncode == 0, run.stderr[-2000:]
     modes = json.loads(run.stdout.strip().splitlines()[-1])
-    assert modes == dict.fromkeys(JOBS, "False"), "these jobs import ray before pretrainlab: " + ", ".join(
-        job for job, mode in modes.items() if mode != "False"
+    assert modes == dict.fromkeys(SCRIPTS, "False"), "these scripts import ray before pretrainlab: " + ", ".join(
+        script for script, mode in modes.items() if mode != "False"
     )

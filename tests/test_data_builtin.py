@@ -2,6 +2,7 @@
 
 import gzip
 import struct
+import tracemalloc
 
 import numpy as np
 import pyarrow as pa
@@ -118,13 +119,28 @@ def test_truncated_idx_file_is_named(tmp_path, fmnist_source):
         (b"\x01\x00\x08\x01", "bad magic number 0x01000801"),
         (b"\x00\x00\x07\x01", "unknown IDX type code 0x07"),
         (b"\x00\x00\x08\x02\x00\x00", "truncated header"),
-        (b"\x00\x00\x08\x01\x00\x00\x00\x01ab", "payload is 2 bytes .* needs 1 \\(trailing bytes\\)"),
+        (b"\x00\x00\x08\x02" + b"\xff" * 8 + b"ab", r"payload is 2 bytes .* needs 18446744065119617025 \(truncated\)"),
+        (b"\x00\x00\x08\x01\x00\x00\x00\x01ab", "payload is longer than the 1 bytes .* needs \\(trailing bytes\\)"),
     ],
 )
 def test_read_idx_rejects_bad_headers(tmp_path, data, problem):
     (tmp_path / "bad.idx").write_bytes(data)
     with pytest.raises(DatasetError, match=f"bad.idx: {problem}"):
         read_idx(tmp_path / "bad.idx")
+
+
+def test_read_idx_stops_a_gzip_stream_that_inflates_past_its_header(tmp_path):
+    bomb = tmp_path / "bomb-labels-idx1-ubyte.gz"
+    with gzip.open(bomb, "wb") as f:
+        f.write(struct.pack(">HBBI", 0, 0x08, 1, 4) + bytes(4))
+        for _ in range(25):
+            f.write(bytes(8 << 20))  # 200 MiB of zeros past the declared payload, about 200 kB on disk
+    tracemalloc.start()
+    with pytest.raises(DatasetError, match=r"longer than the 4 bytes the header \(dims \[4\], uint8\) needs"):
+        read_idx(bomb)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 << 20, f"read_idx held {peak >> 20} MiB"
 
 
 def test_read_idx_reads_big_endian_types(tmp_path):

@@ -168,18 +168,17 @@ def main() -> None:
         parser.error(f"--only: unknown method(s) {', '.join(unknown)}; valid: {', '.join(configs)}")
     torch.set_num_threads(2)
 
-    first = load_config(configs[methods[0]])
-    data = {split: load_split_numpy(dataset_dir(first), split) for split in SPLITS}
+    cfgs = {method: load_config(configs[method], args.set) for method in methods}
+    data = {split: load_split_numpy(dataset_dir(cfgs[methods[0]]), split) for split in SPLITS}
     baselines = {"raw pixels": raw_pixels(data)}
-    for method in methods:
-        cfg = load_config(configs[method], args.set)
+    for cfg in cfgs.values():
         if f"random {cfg.model.backbone}" not in baselines:
             baselines[f"random {cfg.model.backbone}"] = random_encoder(cfg, data, args.probe_epochs, args.vit_features)
     rows = []
     with open(args.out, "a") as out:
         out.write(json.dumps({"baselines": baselines}) + "\n")
-        for method in methods:
-            features = baselines[f"random {load_config(configs[method], args.set).model.backbone}"]["probe_features"]
+        for method, cfg in cfgs.items():
+            features = baselines[f"random {cfg.model.backbone}"]["probe_features"]
             rows.append(pretrain_and_probe(configs[method], args.set, args.probe_epochs, features))
             out.write(json.dumps(rows[-1]) + "\n")
             out.flush()

@@ -6,6 +6,7 @@ scikit-learn digits, in a project folder with its own MLflow sqlite store.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,6 +40,8 @@ from pretrainlab.train.probe import (
 )
 
 DIGITS_CONFIG = CONFIGS / "test-resnet_2xb32_digits.yaml"
+TINY_VIT = {"img_size": 8, "patch_size": 2, "depth": 3, "embed_dim": 24, "num_heads": 2}
+"""A 3-block ViT on 2 x 2 patches of 8 x 8 images (timm ``vit_tiny_patch16_224`` kwargs)."""
 FINETUNE_CONFIG = CONFIGS / "finetune_vit-d6w96-p4_fmnist.yaml"
 
 
@@ -71,16 +74,9 @@ def digits(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def digits_vit(digits):
-    """A 3-block ViT (2 x 2 patches of the 8 x 8 digits) trained like ``digits``' checkpoint, in the same run."""
-    vit = "{img_size: 8, patch_size: 2, depth: 3, embed_dim: 24, num_heads: 2}"
-    cfg = load_config(
-        DIGITS_CONFIG,
-        [
-            "model.backbone=vit_tiny_patch16_224",
-            f"model.backbone_kwargs={vit}",
-            "model.stem_stride=null",
-        ],
-    )
+    """``TINY_VIT`` on the digits, trained like ``digits``' checkpoint, in the same run."""
+    vit = f"model.backbone_kwargs={json.dumps(TINY_VIT)}"
+    cfg = load_config(DIGITS_CONFIG, ["model.backbone=vit_tiny_patch16_224", vit, "model.stem_stride=null"])
     return train_digits_checkpoint(cfg, digits.folder, digits.checkpoint.parent / "vit-checkpoint", 30, digits.parent)
 
 
@@ -128,7 +124,7 @@ def test_extract_features_runs_the_backbone_in_eval_mode_without_grad(digits):
 
 def test_last_blocks_features_are_dinos_class_tokens_and_mean_patch_token():
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=2, depth=3, embed_dim=24, num_heads=2)
+    vit = timm.create_model("vit_tiny_patch16_224", **TINY_VIT)
     vit.eval()
     block_outputs = []
     for block in vit.blocks:
@@ -146,7 +142,7 @@ def test_last_blocks_features_are_dinos_class_tokens_and_mean_patch_token():
 
 
 def test_last_blocks_features_reject_backbones_they_do_not_fit():
-    vit = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=2, depth=3, embed_dim=24, num_heads=2)
+    vit = timm.create_model("vit_tiny_patch16_224", **TINY_VIT)
     with pytest.raises(FeatureError, match="blocks must be between 1 and the ViT's depth 3, got 4"):
         feature_extractor(vit, "last-blocks", blocks=4)
     with pytest.raises(FeatureError, match="need a timm ViT with a class token, not ResNet"):

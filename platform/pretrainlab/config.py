@@ -173,6 +173,21 @@ class OptimConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd, lars, rmsprop.")
     nesterov: bool = Field(True, description="sgd and lars.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="adamw, adam, lamb.")
+    trust_coeff: float = Field(
+        0.001,
+        gt=0,
+        description="lars: the trust coefficient (eta); a layer's lr is scaled by eta x |w| / |grad|.",
+    )
+    trust_clip: bool = Field(
+        False, description="lars: cap the trust ratio at 1 (LARC clipping): no layer steps faster than lr."
+    )
+
+    @model_validator(mode="after")
+    def _trust_only_for_lars(self) -> OptimConfig:
+        misplaced = sorted({"trust_coeff", "trust_clip"} & self.model_fields_set)
+        if misplaced and self.name != "lars":
+            raise ValueError(f"optim {', '.join(misplaced)}: a lars setting, but optim.name is {self.name}")
+        return self
 
 
 class ScheduleConfig(_Section):

@@ -76,6 +76,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     extra = {"momentum": cfg.momentum} if cfg.name in _WITH_MOMENTUM else {}
     if cfg.name in _WITH_BETAS:
         extra["betas"] = tuple(cfg.betas)
+    if cfg.name == "lars":
+        extra.update(trust_coeff=cfg.trust_coeff, trust_clip=cfg.trust_clip)
     groups = parameter_groups(model, cfg)
     for group in groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -85,7 +87,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
 def apply_hyperparameters(
     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: OptimConfig, lr: float
 ) -> None:
-    """Make a restored optimizer and schedule follow ``cfg``: learning rate ``lr``, weight decay, momentum / betas.
+    """Make a restored optimizer and schedule follow ``cfg``: lr, weight decay, momentum / betas, LARS trust.
 
     Restoring a checkpoint brings back the hyperparameters it was trained with; after a PBT
     exploit the trial's config holds new ones. The schedule's position, each group's
@@ -102,3 +104,5 @@ def apply_hyperparameters(
             group["momentum"] = cfg.momentum
         if "betas" in group:
             group["betas"] = tuple(cfg.betas)
+        if "trust_coeff" in group:
+            group.update(trust_coeff=cfg.trust_coeff, trust_clip=cfg.trust_clip)

@@ -143,6 +143,36 @@ def test_lars_and_lamb_train(name, kind, lr):
     assert max(losses[-3:]) < 0.5 * losses[0], losses
 
 
+class _LinearModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = torch.nn.Linear(8, 4)
+
+
+@pytest.mark.parametrize(("trust_coeff", "trust_clip"), [(0.001, False), (0.02, False), (1000.0, True)])
+def test_lars_trust_coefficient_scales_the_step_and_clipping_caps_it(trust_coeff, trust_clip):
+    """One LARS step without momentum: a decayed weight moves by ``lr x min(eta |w| / (|g| + wd |w|), clip)``
+    times ``g + wd w``; the bias (no weight decay) takes a plain SGD step."""
+    lr, wd = 0.5, 1e-3
+    model = _LinearModel()
+    optim = OptimConfig(
+        name="lars", lr=lr, momentum=0.0, weight_decay=wd, trust_coeff=trust_coeff, trust_clip=trust_clip
+    )
+    optimizer = build_optimizer(model, optim, lr)
+    model.backbone(torch.randn(16, 8)).pow(2).sum().backward()
+    weight, grad = model.backbone.weight.detach().clone(), model.backbone.weight.grad.clone()
+    bias, bias_grad = model.backbone.bias.detach().clone(), model.backbone.bias.grad.clone()
+    optimizer.step()
+    ratio = trust_coeff * weight.norm() / (grad.norm() + wd * weight.norm())
+    if trust_clip:
+        ratio = torch.clamp(ratio / lr, max=1.0)
+        assert ratio == 1.0  # eta 1000 would step far past lr: clipping makes it plain SGD
+    expected = weight - lr * ratio * (grad + wd * weight)
+    assert torch.allclose(model.backbone.weight.detach(), expected, atol=1e-7)
+    assert torch.allclose(model.backbone.bias.detach(), bias - lr * bias_grad, atol=1e-7)
+
+
 def test_gradient_clipping_bounds_the_update():
     lr, bound = 1.0, 0.01
     model = vit_classifier()
@@ -218,6 +248,8 @@ def test_recipe_config_errors_name_the_key():
         validate({"name": "t", "optim": {"layer_decay": 1.5}})
     with pytest.raises(ValueError, match=r"train\.ema\.decay"):
         validate(copy.deepcopy({"name": "t", "train": {"ema": {"decay": 1.0}}}))
+    with pytest.raises(ValueError, match="optim trust_clip: a lars setting, but optim.name is sgd"):
+        validate({"name": "t", "optim": {"name": "sgd", "trust_clip": True}})
 
 
 @pytest.mark.parametrize(

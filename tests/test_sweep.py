@@ -75,17 +75,21 @@ def test_job_without_sweep_section_exits_with_a_clear_error(project, capsys):
     assert "no sweep section" in capsys.readouterr().err
 
 
-def test_restored_optimizer_follows_the_new_hyperparameters():
+@pytest.mark.parametrize(
+    ("name", "old_trust", "new_trust"),
+    [("sgd", {}, {}), ("lars", {"trust_coeff": 0.001}, {"trust_coeff": 0.02, "trust_clip": True})],
+)
+def test_restored_optimizer_follows_the_new_hyperparameters(name, old_trust, new_trust):
     """What a PBT exploit relies on: the copied state keeps its schedule position, not its lr."""
     model = torch.nn.ModuleDict({"backbone": torch.nn.Linear(3, 2)})
-    old = OptimConfig(name="sgd", lr=0.1, weight_decay=1e-4, momentum=0.9)
+    old = OptimConfig(name=name, lr=0.1, weight_decay=1e-4, momentum=0.9, **old_trust)
     schedule = ScheduleConfig(name="cosine", warmup_epochs=0)
     optimizer = build_optimizer(model, old, old.lr)
     scheduler = build_scheduler(optimizer, schedule, steps_per_epoch=10, epochs=2)
     for _ in range(7):
         optimizer.step()
         scheduler.step()
-    new = OptimConfig(name="sgd", lr=0.02, weight_decay=5e-4, momentum=0.8)
+    new = OptimConfig(name=name, lr=0.02, weight_decay=5e-4, momentum=0.8, **new_trust)
     restored = build_optimizer(model, new, new.lr)
     restored_scheduler = build_scheduler(restored, schedule, steps_per_epoch=10, epochs=2)
     restored.load_state_dict(optimizer.state_dict())
@@ -95,6 +99,7 @@ def test_restored_optimizer_follows_the_new_hyperparameters():
     assert group["lr"] == pytest.approx(0.02 * lr_factor(7, 20, 0, schedule))
     assert (group["weight_decay"], group["momentum"]) == (5e-4, 0.8)
     assert (bias["lr"], bias["weight_decay"]) == (group["lr"], 0.0)
+    assert all(group[key] == value for key, value in new_trust.items())
     restored.step()
     restored_scheduler.step()
     assert group["lr"] == pytest.approx(0.02 * lr_factor(8, 20, 0, schedule))

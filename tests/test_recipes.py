@@ -250,6 +250,8 @@ def test_recipe_config_errors_name_the_key():
         validate(copy.deepcopy({"name": "t", "train": {"ema": {"decay": 1.0}}}))
     with pytest.raises(ValueError, match="optim trust_clip: a lars setting, but optim.name is sgd"):
         validate({"name": "t", "optim": {"name": "sgd", "trust_clip": True}})
+    sgd = validate({"name": "t", "optim": {"name": "sgd"}})
+    assert validate(sgd.model_dump()).optim == sgd.optim  # how workers receive it: every field, defaults too
 
 
 @pytest.mark.parametrize(

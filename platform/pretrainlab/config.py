@@ -184,7 +184,8 @@ class OptimConfig(_Section):
 
     @model_validator(mode="after")
     def _trust_only_for_lars(self) -> OptimConfig:
-        misplaced = sorted({"trust_coeff", "trust_clip"} & self.model_fields_set)
+        fields = type(self).model_fields
+        misplaced = [key for key in ("trust_clip", "trust_coeff") if getattr(self, key) != fields[key].default]
         if misplaced and self.name != "lars":
             raise ValueError(f"optim {', '.join(misplaced)}: a lars setting, but optim.name is {self.name}")
         return self

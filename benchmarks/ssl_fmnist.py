@@ -72,9 +72,11 @@ def child_metric(client: MlflowClient, parent: str, experiment_id: str, key: str
     return child.data.metrics[key]
 
 
-def pretrain_and_probe(path: Path, overrides: list[str], probe_epochs: int, features: str) -> dict:
-    """Pretrain one method, then kNN and linear-probe its checkpoint; the figures of its table row."""
-    cfg = load_config(path, overrides)
+def pretrain_and_probe(
+    path: Path, cfg: ExperimentConfig, overrides: list[str], probe_epochs: int, features: str
+) -> dict:
+    """Pretrain one method (``cfg``: ``path`` with ``overrides``), then kNN and linear-probe its checkpoint;
+    the figures of its table row."""
     run_name = f"bench-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     start = time.perf_counter()
     if pretrain_job.main([str(path), "--run-name", run_name, *(a for o in overrides for a in ("--set", o))]) != 0:
@@ -179,7 +181,7 @@ def main() -> None:
         out.write(json.dumps({"baselines": baselines}) + "\n")
         for method, cfg in cfgs.items():
             features = baselines[f"random {cfg.model.backbone}"]["probe_features"]
-            rows.append(pretrain_and_probe(configs[method], args.set, args.probe_epochs, features))
+            rows.append(pretrain_and_probe(configs[method], cfg, args.set, args.probe_epochs, features))
             out.write(json.dumps(rows[-1]) + "\n")
             out.flush()
     print_table(rows, baselines)

@@ -143,19 +143,14 @@ def test_lars_and_lamb_train(name, kind, lr):
     assert max(losses[-3:]) < 0.5 * losses[0], losses
 
 
-class _LinearModel(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.backbone = torch.nn.Linear(8, 4)
-
-
 @pytest.mark.parametrize(("trust_coeff", "trust_clip"), [(0.001, False), (0.02, False), (1000.0, True)])
 def test_lars_trust_coefficient_scales_the_step_and_clipping_caps_it(trust_coeff, trust_clip):
-    """One LARS step without momentum: a decayed weight moves by ``lr x min(eta |w| / (|g| + wd |w|), clip)``
-    times ``g + wd w``; the bias (no weight decay) takes a plain SGD step."""
+    """One LARS step without momentum: a decayed weight moves by ``lr x r x (g + wd w)``, with the trust ratio
+    ``r = eta |w| / (|g| + wd |w|)``, clipped to ``min(r / lr, 1)``; the bias (no weight decay) takes a plain
+    SGD step."""
     lr, wd = 0.5, 1e-3
-    model = _LinearModel()
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"backbone": torch.nn.Linear(8, 4)})
     optim = OptimConfig(
         name="lars", lr=lr, momentum=0.0, weight_decay=wd, trust_coeff=trust_coeff, trust_clip=trust_clip
     )

@@ -213,6 +213,20 @@ def test_barlow_twins_null_off_diagonal_weight_is_one_over_proj_dim():
     assert model.off_diagonal_weight == pytest.approx(1 / 16)
 
 
+def test_barlow_twins_loss_scale_multiplies_the_loss_and_leaves_the_logged_terms():
+    batch = two_view_batch()
+    outputs = {}
+    for scale in (1.0, 0.1):
+        torch.manual_seed(0)
+        model = barlowtwins.build_model(tiny_config("barlowtwins", loss_scale=scale), 10, 1)
+        outputs[scale] = model(batch)
+    unscaled, scaled = outputs[1.0], outputs[0.1]
+    assert unscaled["loss"].item() > 0
+    torch.testing.assert_close(scaled["loss"], 0.1 * unscaled["loss"])
+    torch.testing.assert_close(scaled["log/invariance"], unscaled["log/invariance"])
+    torch.testing.assert_close(scaled["log/redundancy"], unscaled["log/redundancy"])
+
+
 # --- all three ----------------------------------------------------------------------------------------------
 
 

@@ -34,6 +34,13 @@ class Params(StrategyParams):
     off_diagonal_weight: float | None = Field(
         0.0051, gt=0, description="lambda, the weight of the off-diagonal (redundancy) term; null: 1 / proj_dim."
     )
+    loss_scale: float = Field(
+        1.0,
+        gt=0,
+        description="Factor on the whole loss (solo-learn's scale_loss 0.1). Under LARS it changes the steps of the "
+        "parameters LARS does not adapt (norms, biases) and where trust_clip caps the others; under SGD it acts "
+        "like the lr.",
+    )
 
 
 def _sum_over_workers(tensor: torch.Tensor) -> torch.Tensor:
@@ -78,18 +85,21 @@ class BarlowTwins(nn.Module):
 
     init_report: LoadReport | None = None
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module, off_diagonal_weight: float) -> None:
+    def __init__(
+        self, backbone: nn.Module, projector: nn.Module, off_diagonal_weight: float, loss_scale: float = 1.0
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
         self.off_diagonal_weight = off_diagonal_weight
+        self.loss_scale = loss_scale
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         z1 = self.projector(self.backbone(batch["view0"]))
         z2 = self.projector(self.backbone(batch["view1"]))
         c = cross_correlation(z1, z2)
         return {
-            "loss": barlow_twins_loss(c, self.off_diagonal_weight),
+            "loss": self.loss_scale * barlow_twins_loss(c, self.off_diagonal_weight),
             "log/invariance": invariance_term(c.detach()),
             "log/redundancy": redundancy_term(c.detach()),
         }
@@ -106,6 +116,6 @@ def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_ini
     backbone, init_report = build_backbone(cfg, in_chans, load_init_from)
     projector = MLPHead(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim, num_layers=3)
     weight = params.off_diagonal_weight if params.off_diagonal_weight is not None else 1 / params.proj_dim
-    model = BarlowTwins(backbone, projector, weight)
+    model = BarlowTwins(backbone, projector, weight, params.loss_scale)
     model.init_report = init_report
     return model

@@ -91,6 +91,15 @@ def test_text_gallery_keeps_distinct_texts_and_relevance():
     assert relevant.tolist() == [[True, True, False, False], [False, True, True, False]]
 
 
+def test_text_gallery_counts_also_true_texts_as_captions_and_ignores_those_outside_it():
+    # image 1 is also described by image 0's caption "a" and by image 0's negative "x"; "zzz" is in no gallery
+    texts, relevant = text_gallery([["a", "b"], ["c"]], [["x"], []], [[], ["a", "x", "zzz"]])
+    assert texts == ["a", "b", "c", "x"]
+    assert relevant.tolist() == [[True, True, False, False], [True, False, True, True]]
+    with pytest.raises(ValueError, match="1 lists of also_true for 2 images"):
+        text_gallery([["a"], ["b"]], None, [[]])
+
+
 def test_recall_with_one_hot_embeddings_is_perfect():
     embeddings = torch.eye(4)
     metrics = retrieval_recall(embeddings, embeddings, np.eye(4, dtype=bool))

@@ -32,7 +32,16 @@ def ref(**changes) -> dict:
         ("caption", {"captions": []}, "field 'captions' is empty or holds a blank caption"),
         ("caption", {"captions": ["ok", "  "]}, "field 'captions' is empty or holds a blank caption"),
         ("caption", {"captions": ["ok", None]}, "field 'captions' is empty or holds a blank caption"),
-        ("retrieval", {"captions": ["ok"], "negatives": [""]}, "field 'negatives' holds a blank caption"),
+        (
+            "retrieval",
+            {"captions": ["ok"], "negatives": [""], "also_true": []},
+            "field 'negatives' holds a blank caption",
+        ),
+        (
+            "retrieval",
+            {"captions": ["ok"], "negatives": [], "also_true": [" "]},
+            "field 'also_true' holds a blank caption",
+        ),
         ("vqa", {"questions": []}, "field 'questions' is empty"),
         (
             "vqa",
@@ -61,7 +70,7 @@ def ref(**changes) -> dict:
 def test_bad_image_text_rows_name_split_row_source_and_field(tmp_path, task, row, problem):
     good = {
         "caption": {"captions": ["ok"]},
-        "retrieval": {"captions": ["ok"], "negatives": []},
+        "retrieval": {"captions": ["ok"], "negatives": [], "also_true": []},
         "vqa": {"questions": [question()]},
         "grounding": {"refs": [ref()]},
     }[task]

@@ -273,6 +273,20 @@ def test_captions_are_true_and_hard_negatives_false_by_one_word(small):
     assert rows(small["caption"], "val", ["captions"]) == rows(small["retrieval"], "val", ["captions"])
 
 
+def test_also_true_holds_exactly_the_other_texts_of_the_split_that_are_true(small):
+    for split in ("val", "test"):
+        split_rows = rows(small["retrieval"], split)
+        gallery = {text for row in split_rows for text in (*row["captions"], *row["negatives"])}
+        found = 0
+        for row in split_rows:
+            objects = scene_of(row, seed=1).objects
+            expected = {text for text in gallery - set(row["captions"]) if claim_is_true(text, objects)}
+            assert set(row["also_true"]) == expected, row["source_id"]
+            assert len(row["also_true"]) == len(expected)  # no repeats
+            found += len(expected)
+        assert found > len(split_rows)  # partial captions ("two red objects") are true of many images
+
+
 def test_compositional_split_holds_only_held_out_combinations(large):
     held_out = {tuple(c) for c in load_manifest(large["caption"])["metadata"]["held_out"]}
     assert held_out == held_out_combinations(0)

@@ -111,12 +111,17 @@ SCENES_IMAGES, SCENES_IMAGE_SIZE = 10000, 96
 
 def prepare_scenes(root: str | os.PathLike, *, seed: int = 0) -> Path:
     """Generates the scenes image-text set (10,000 images of 96 px) into ``root/scenes`` unless an intact copy
-    made with ``seed`` is there; its four datasets are ``root/scenes/<task>`` (caption, vqa, grounding,
-    retrieval)."""
-    from pretrainlab.data.scenes import TASKS, write_scenes  # deferred: the generator is large
+    made with ``seed`` by this generator version is there; its four datasets are ``root/scenes/<task>``
+    (caption, vqa, grounding, retrieval)."""
+    from pretrainlab.data.scenes import GENERATOR_VERSION, TASKS, write_scenes  # deferred: the generator is large
 
     out = Path(root) / SCENES
-    wanted = {"seed": seed, "num_images": SCENES_IMAGES, "image_size": SCENES_IMAGE_SIZE}
+    wanted = {
+        "seed": seed,
+        "num_images": SCENES_IMAGES,
+        "image_size": SCENES_IMAGE_SIZE,
+        "generator": GENERATOR_VERSION,
+    }
     try:
         metadata = [verify_dataset(out / task)["metadata"] for task in TASKS]
         if all(m.get(key) == value for m in metadata for key, value in wanted.items()):

@@ -22,7 +22,7 @@ IMAGE_COLUMNS = ["image", "image_format", "height", "width", "channels"]
 TASK_COLUMNS = {
     "classification": ["label"],
     "caption": ["captions"],
-    "retrieval": ["captions", "negatives"],
+    "retrieval": ["captions", "negatives", "also_true"],
     "vqa": ["questions"],
     "grounding": ["refs"],
 }

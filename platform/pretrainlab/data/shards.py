@@ -34,7 +34,7 @@ from pretrainlab.data.errors import DatasetError
 from pretrainlab.paths import is_uri
 from pretrainlab.storage import join, open_input
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 IMAGE_FORMATS = ("raw", "png", "jpeg")
 
@@ -63,10 +63,13 @@ RETRIEVAL_SCHEMA = pa.schema(
         *IMAGE_FIELDS,
         pa.field("captions", _TEXTS, nullable=False),
         pa.field("negatives", _TEXTS, nullable=False),  # hard-negative captions; may be empty
+        pa.field("also_true", _TEXTS, nullable=False),  # other images' captions or negatives true of this one too
         *ROW_FIELDS,
     ]
 )
-"""One image per row with its matching captions and (possibly no) hard-negative captions."""
+"""One image per row with its captions, (possibly no) hard-negative captions, and (possibly no) captions or
+hard negatives of other images of the split that describe this image too (generated sets know them; retrieval
+counts them as matches)."""
 
 VQA_QUESTION = pa.struct(
     [
@@ -326,9 +329,10 @@ def check_table(table: pa.Table, schema: pa.Schema, split: str, num_classes: int
     if "captions" in schema.names:
         bad = _bad_texts(_array(table, "captions"))
         _fail_rows(table, split, bad, "field 'captions' is empty or holds a blank caption")
-    if "negatives" in schema.names:
-        bad = _bad_texts(_array(table, "negatives"), allow_empty=True)
-        _fail_rows(table, split, bad, "field 'negatives' holds a blank caption")
+    for field in ("negatives", "also_true"):
+        if field in schema.names:
+            bad = _bad_texts(_array(table, field), allow_empty=True)
+            _fail_rows(table, split, bad, f"field {field!r} holds a blank caption")
     if "questions" in schema.names:
         _check_questions(table, split)
     if "refs" in schema.names:

@@ -1,9 +1,11 @@
-"""Image-text retrieval: Recall@K in both directions, with every exact duplicate of a caption relevant.
+"""Image-text retrieval: Recall@K in both directions, with every text that describes an image relevant to it.
 
 Captions of generated or crowd-sourced sets repeat ("there are three objects"); a query text
 is matched when any image among the top K has that text among its own captions, and an image
-is matched when any of its captions is among the top K texts. The text gallery is every
-distinct caption and hard-negative text of the gallery images.
+is matched when any of its captions is among the top K texts. A generated set knows more: which
+other images' captions and hard negatives are true of an image too ("two green objects" of
+every image with exactly two green objects); a dataset's ``also_true`` texts count as its image's
+captions here. The text gallery is every distinct caption and hard-negative text of the gallery images.
 """
 
 from __future__ import annotations
@@ -17,23 +19,29 @@ RECALL_KS = (1, 5, 10)
 
 
 def text_gallery(
-    captions: Sequence[Sequence[str]], negatives: Sequence[Sequence[str]] | None = None
+    captions: Sequence[Sequence[str]],
+    negatives: Sequence[Sequence[str]] | None = None,
+    also_true: Sequence[Sequence[str]] | None = None,
 ) -> tuple[list[str], np.ndarray]:
-    """The distinct texts of a gallery and which image each is a caption of.
+    """The distinct texts of a gallery and which image each describes.
 
     Args:
         captions: Each image's captions.
         negatives: Each image's hard-negative texts (distractors in the text gallery).
+        also_true: Each image's further true texts among other images' captions and negatives; those
+            not in the gallery are ignored.
 
     Returns:
         (texts: every distinct caption, then every distinct negative that is no caption,
-        relevant: bool ``images x texts``, true where the text is one of the image's captions).
+        relevant: bool ``images x texts``, true where the text is one of the image's captions or
+        ``also_true`` texts).
 
     Raises:
-        ValueError: an image without captions, or ``negatives`` of another length.
+        ValueError: an image without captions, or ``negatives`` or ``also_true`` of another length.
     """
-    if negatives is not None and len(negatives) != len(captions):
-        raise ValueError(f"{len(negatives)} lists of negatives for {len(captions)} images")
+    for name, lists in (("negatives", negatives), ("also_true", also_true)):
+        if lists is not None and len(lists) != len(captions):
+            raise ValueError(f"{len(lists)} lists of {name} for {len(captions)} images")
     index: dict[str, int] = {}
     for image, texts in enumerate(captions):
         if len(texts) == 0:
@@ -46,6 +54,8 @@ def text_gallery(
     relevant = np.zeros((len(captions), len(index)), dtype=bool)
     for image, texts in enumerate(captions):
         relevant[image, [index[text] for text in texts]] = True
+    for image, texts in enumerate(also_true or ()):
+        relevant[image, [index[text] for text in texts if text in index]] = True
     return list(index), relevant
 
 

@@ -69,7 +69,7 @@ def _shared_text_embeddings(
 
 def retrieval_validation(
     models: dict[str, nn.Module],
-    batches: Iterable[tuple[torch.Tensor, list, list]],
+    batches: Iterable[tuple[torch.Tensor, list, list, list]],
     cfg: DataConfig,
     batch_size: int,
     device: torch.device | str,
@@ -78,20 +78,20 @@ def retrieval_validation(
 
     Args:
         models: Name -> model (unwrapped from DDP).
-        batches: This worker's (normalised images, their captions, their negatives) batches.
+        batches: This worker's (normalised images, their captions, their negatives, their ``also_true`` texts)
+            batches.
         cfg: The data section (``context_length``).
         batch_size: Texts per forward pass.
         device: Where the models are.
     """
     image_parts: dict[str, list[torch.Tensor]] = {name: [] for name in models}
-    captions: list[list[str]] = []
-    negatives: list[list[str]] = []
-    for images, batch_captions, batch_negatives in batches:
+    texts_of_images: tuple[list[list[str]], ...] = ([], [], [])  # captions, negatives, also_true
+    for images, *batch_texts in batches:
         for name, model in models.items():
             image_parts[name].append(model.encode_image(images).float().cpu())
-        captions += batch_captions
-        negatives += batch_negatives
-    texts, relevant = text_gallery(_gather_objects(captions), _gather_objects(negatives))
+        for gathered, batch in zip(texts_of_images, batch_texts, strict=True):
+            gathered += batch
+    texts, relevant = text_gallery(*(_gather_objects(gathered) for gathered in texts_of_images))
     results = {}
     for name, model in models.items():
         image_embeddings = gather_rows(torch.cat(image_parts[name]))
@@ -106,18 +106,18 @@ def evaluate_retrieval(
     """Recall@K of ``model`` on one split, next to the shuffled-image baseline (``shuffled/*``).
 
     The gallery is every image of the split and every distinct caption and hard negative of
-    them; the baseline pairs each image's embedding with another image's captions (a fixed
-    permutation), which puts Recall@K at chance.
+    them (an image's ``also_true`` texts count as its captions); the baseline pairs each image's
+    embedding with another image's texts (a fixed permutation), which puts Recall@K at chance.
 
     Args:
         model: An image-text model in eval mode.
         images: uint8 ``N x C x H x W``.
-        annotations: The split's ``captions`` (and ``negatives``), one list per image.
+        annotations: The split's ``captions`` (and ``negatives``, ``also_true``), one list per image.
         cfg: The model's data section (evaluation pipeline, ``context_length``).
         batch_size: Images or texts per forward pass.
     """
     device = next(model.parameters()).device
-    texts, relevant = text_gallery(annotations["captions"], annotations.get("negatives"))
+    texts, relevant = text_gallery(annotations["captions"], annotations.get("negatives"), annotations.get("also_true"))
     image_embeddings = encode_images(model, images, cfg, batch_size, device)
     text_embeddings = encode_texts(model, texts, cfg.context_length, batch_size, device)
     shuffled = torch.from_numpy(np.random.default_rng(0).permutation(len(images)))

@@ -86,8 +86,11 @@ def _image_text_batches(shard: Any, cfg: ExperimentConfig, device: torch.device)
     prepare = Preprocessor(cfg.data, train=False)
     for rows in shard.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="numpy"):
         images = to_model_inputs(prepare(rows), cfg.data, device)["image"]
-        negatives = rows["negatives"] if "negatives" in rows else [[]] * len(images)
-        yield images, [list(texts) for texts in rows["captions"]], [list(texts) for texts in negatives]
+        empty = [[]] * len(images)  # caption datasets have no negatives nor also_true texts
+        yield (
+            images,
+            *([list(texts) for texts in rows.get(field, empty)] for field in ("captions", "negatives", "also_true")),
+        )
 
 
 def validate(models: dict[str, nn.Module], shard: Any, cfg: ExperimentConfig, stepper: Stepper) -> dict:

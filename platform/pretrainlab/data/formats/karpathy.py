@@ -75,4 +75,4 @@ def _json_file(src: Path) -> Path:
 
 def _row(root: Path, parts: tuple[str, ...], captions: list[str]) -> Row:
     field = "'filepath' + 'filename'" if len(parts) == 2 else "'filename'"
-    return {**read_image(inside(root, *parts, field=field)), "captions": captions, "negatives": []}
+    return {**read_image(inside(root, *parts, field=field)), "captions": captions, "negatives": [], "also_true": []}

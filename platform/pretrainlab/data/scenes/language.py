@@ -40,6 +40,7 @@ from pretrainlab.data.scenes.grammar import (
     NOUN,
     NUMBER_WORDS,
     OPPOSITE,
+    SIZE_RELATIONS,
     SPATIAL_RELATIONS,
     VALUES,
 )
@@ -209,6 +210,13 @@ class Relation:
         return replace(self, relation=OPPOSITE[self.relation])
 
 
+COUNTED_ATTRIBUTES: tuple[tuple[str, ...], ...] = tuple(s for s in ATTRIBUTE_SUBSETS if len(s) <= 2)
+"""The attribute sets an ``AttributeCount`` names: one or two attributes."""
+
+COMPARED_ATTRIBUTES = ("color", "shape")
+"""What the descriptions of a size comparison name (sizes left out: the relation states them)."""
+
+
 def captions(objects: Sequence[SceneObject], rng: np.random.Generator) -> list[Claim]:
     """True captions of a scene, one per kind of claim.
 
@@ -224,12 +232,11 @@ def captions(objects: Sequence[SceneObject], rng: np.random.Generator) -> list[C
         Four or five claims, each true for ``objects``.
     """
     n = len(objects)
-    countable = [s for s in ATTRIBUTE_SUBSETS if len(s) <= 2]
-    counted = Description.of(objects[rng.integers(n)], countable[rng.integers(len(countable))])
+    counted = Description.of(objects[rng.integers(n)], COUNTED_ATTRIBUTES[rng.integers(len(COUNTED_ATTRIBUTES))])
     a, b = (objects[i] for i in rng.choice(n, size=2, replace=False))
     spatial = [r for r in SPATIAL_RELATIONS if relation_holds(r, a, b)]  # one horizontal, one vertical
     claims: list[Claim] = [
-        Listing(tuple(Description.of(o) for o in sorted(objects, key=lambda o: o.center[0]))),
+        _listing(objects),
         Count(n),
         AttributeCount(len(counted.select(objects)), counted),
         Relation(Description.of(a), spatial[rng.integers(len(spatial))], Description.of(b)),
@@ -239,9 +246,39 @@ def captions(objects: Sequence[SceneObject], rng: np.random.Generator) -> list[C
         big, little = large[rng.integers(len(large))], small[rng.integers(len(small))]
         pair = (big, "bigger than", little) if rng.random() < 0.5 else (little, "smaller than", big)
         claims.append(
-            Relation(Description.of(pair[0], ("color", "shape")), pair[1], Description.of(pair[2], ("color", "shape")))
+            Relation(
+                Description.of(pair[0], COMPARED_ATTRIBUTES), pair[1], Description.of(pair[2], COMPARED_ATTRIBUTES)
+            )
         )
     return claims
+
+
+def true_claims(objects: Sequence[SceneObject]) -> set[Claim]:
+    """Every claim true of a scene among those ``captions`` and ``hard_negative`` can write for any scene.
+
+    Those claims keep their form when changed (a listing names every attribute, a count of a
+    description names one or two, a spatial relation relates full descriptions and a size
+    comparison colour and shape), so a caption or hard negative written for one scene is true of
+    ``objects`` exactly when it is in this set: its listing, its count, each one- or two-attribute
+    description's count, and each relation between two of its objects.
+    """
+    claims: set[Claim] = {_listing(objects), Count(len(objects))}
+    for attributes in COUNTED_ATTRIBUTES:
+        for description in {Description.of(o, attributes) for o in objects}:
+            claims.add(AttributeCount(len(description.select(objects)), description))
+    for a, b in itertools.permutations(objects, 2):
+        for relation in SPATIAL_RELATIONS:
+            if relation_holds(relation, a, b):
+                claims.add(Relation(Description.of(a), relation, Description.of(b)))
+        for relation in SIZE_RELATIONS:
+            if relation_holds(relation, a, b):
+                compared = (Description.of(a, COMPARED_ATTRIBUTES), Description.of(b, COMPARED_ATTRIBUTES))
+                claims.add(Relation(compared[0], relation, compared[1]))
+    return claims
+
+
+def _listing(objects: Sequence[SceneObject]) -> Listing:
+    return Listing(tuple(Description.of(o) for o in sorted(objects, key=lambda o: o.center[0])))
 
 
 def hard_negative(claim: Claim, objects: Sequence[SceneObject], rng: np.random.Generator) -> Claim | None:

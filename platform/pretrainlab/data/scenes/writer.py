@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from pretrainlab.data.scenes.grammar import COLORS, SHAPES, SIZES
-from pretrainlab.data.scenes.language import captions, hard_negative, referring_expressions
+from pretrainlab.data.scenes.language import captions, hard_negative, referring_expressions, true_claims
 from pretrainlab.data.scenes.questions import (
     MAX_ANSWER_SHARE,
     MAX_TEMPLATE_ANSWER_SHARE,
@@ -34,7 +34,7 @@ from pretrainlab.data.scenes.scene import TEXT_STREAM, Scene, check_image_size, 
 from pretrainlab.data.scenes.splits import held_out_combinations, split_sizes
 from pretrainlab.data.shards import GROUNDING_SCHEMA, VQA_SCHEMA, write_dataset
 
-GENERATOR_VERSION = "scenes-1"
+GENERATOR_VERSION = "scenes-2"
 """Recorded in every manifest; changes whenever the same seed would give other data."""
 
 BLOCK_SIZE = 512
@@ -88,6 +88,8 @@ def write_scenes(
     rows: dict[str, list[dict[str, Any]]] = {split: [] for split in sizes}
     for (split, _, _), block_rows in zip(blocks, _map(generate, blocks, workers), strict=True):
         rows[split].extend(block_rows)
+    for split_rows in rows.values():
+        _keep_also_true_of_split(split_rows)
 
     answers = Counter(q["answers"][0] for split_rows in rows.values() for row in split_rows for q in row["questions"])
     answer_vocab = sorted(answers, key=lambda a: (-answers[a], a))
@@ -138,8 +140,10 @@ def describe_scene(scene: Scene, balancer: AnswerBalancer) -> dict[str, Any]:
         balancer: the answer balancer of the scene's block; its counts are updated.
 
     Returns:
-        ``source_id``; ``captions`` and hard ``negatives`` (texts); ``questions`` and
-        ``refs`` (lists of dicts in the vqa and grounding schemas' struct layout).
+        ``source_id``; ``captions`` and hard ``negatives`` (texts); ``true_texts``, every
+        text a caption or hard negative of any scene could have that is true of this one
+        (``language.true_claims``); ``questions`` and ``refs`` (lists of dicts in the vqa and
+        grounding schemas' struct layout).
     """
     rng = image_rng(scene.seed, scene.split, scene.index, TEXT_STREAM)
     claims = captions(scene.objects, rng)
@@ -152,6 +156,7 @@ def describe_scene(scene: Scene, balancer: AnswerBalancer) -> dict[str, Any]:
         "source_id": source_id,
         "captions": [claim.text() for claim in claims],
         "negatives": [negative.text() for negative in negatives],
+        "true_texts": sorted(claim.text() for claim in true_claims(scene.objects)),
         "questions": [
             {"question_id": f"{source_id}:q{k}", "question": q.text, "answers": [q.answer], "question_type": q.type}
             for k, q in enumerate(questions)
@@ -166,6 +171,15 @@ def describe_scene(scene: Scene, balancer: AnswerBalancer) -> dict[str, Any]:
             for i, refs in references.items()
         ],
     }
+
+
+def _keep_also_true_of_split(rows: Sequence[dict[str, Any]]) -> None:
+    """Replaces each row's ``true_texts`` by ``also_true``: the captions and hard negatives of the split's other
+    images that are true of this image too (a retrieval gallery of the split counts them as matches)."""
+    gallery = {text for row in rows for text in (*row["captions"], *row["negatives"])}
+    for row in rows:
+        own = set(row["captions"])
+        row["also_true"] = [text for text in row.pop("true_texts") if text in gallery and text not in own]
 
 
 def _generate_block(block: Block, *, seed: int, image_size: int, textures: bool) -> list[dict[str, Any]]:
@@ -214,6 +228,7 @@ def _text_columns(task: str, rows: Sequence[dict[str, Any]]) -> dict[str, pa.Arr
         return {
             "captions": pa.array([r["captions"] for r in rows], texts),
             "negatives": pa.array([r["negatives"] for r in rows], texts),
+            "also_true": pa.array([r["also_true"] for r in rows], texts),
         }
     if task == "vqa":
         return {"questions": pa.array([r["questions"] for r in rows], VQA_SCHEMA.field("questions").type)}

@@ -23,7 +23,7 @@ from pretrainlab.data.text import detokenize, tokenize
 from pretrainlab.inference.inferencers import ImageTextInferencer
 from pretrainlab.inference.zoo import ModelInfo
 from pretrainlab.metrics.retrieval import retrieval_recall, text_gallery
-from pretrainlab.strategies import get_strategy
+from pretrainlab.strategies import clip, get_strategy
 from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.train.image_text import evaluate_retrieval
 from pretrainlab.train.optim import build_optimizer
@@ -163,6 +163,42 @@ def test_two_workers_match_one_on_the_whole_batch():
         torch.testing.assert_close(torch.cat([r[name] for r in per_worker]) / WORLD, single[name])
 
 
+def _negatives() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    negatives = torch.nn.functional.normalize(torch.randn(8, 6, generator=generator, dtype=torch.float64), dim=1)
+    return negatives, torch.tensor([True, False, True, True, False, True, True, True])  # rows 1 and 4 have none
+
+
+def _hard_negative_loss_and_grads(images, texts, negatives, has_negative) -> dict[str, torch.Tensor]:
+    leaves = [t.clone().requires_grad_(True) for t in (images, texts, negatives)]
+    loss = clip.contrastive_loss(*leaves[:2], torch.tensor(10.0, dtype=torch.float64), leaves[2], has_negative)
+    loss.backward()
+    return {"loss": loss.detach(), **{f"grad{i}": leaf.grad for i, leaf in enumerate(leaves)}}
+
+
+def _hard_negative_half_batch(rank: int, world: int) -> dict[str, torch.Tensor]:
+    return _hard_negative_loss_and_grads(*(t.chunk(world)[rank] for t in (*_features(), *_negatives())))
+
+
+def test_hard_negatives_on_two_workers_match_one_worker_on_the_whole_batch():
+    per_worker = on_gloo_workers(_hard_negative_half_batch, world=WORLD)
+    single = _hard_negative_loss_and_grads(*_features(), *_negatives())
+    torch.testing.assert_close(sum(r["loss"] for r in per_worker) / WORLD, single["loss"])
+    for name in ("grad0", "grad1", "grad2"):
+        torch.testing.assert_close(torch.cat([r[name] for r in per_worker]) / WORLD, single[name])
+    assert single["grad2"][[1, 4]].abs().max() == 0  # a row without a hard negative adds no text
+
+
+def test_a_hard_negative_as_close_as_the_caption_halves_the_image_side():
+    image = text = torch.tensor([[1.0, 0.0]])
+    # one image, one text: the plain loss is 0; a negative equal to the text leaves the image 1/2 on its caption
+    assert clip.contrastive_loss(image, text, torch.tensor(10.0)).item() == pytest.approx(0.0)
+    with_negative = clip.contrastive_loss(image, text, torch.tensor(10.0), text.clone(), torch.tensor([True]))
+    assert with_negative.item() == pytest.approx(math.log(2) / 2)
+    without = clip.contrastive_loss(image, text, torch.tensor(10.0), text.clone(), torch.tensor([False]))
+    assert without.item() == pytest.approx(0.0)
+
+
 # --- the model on scenes --------------------------------------------------------------------------------------------
 
 
@@ -193,6 +229,49 @@ def test_two_steps_give_finite_losses_and_keep_the_logit_scale_bounded(scenes):
     assert scales[0] == pytest.approx(50.0)  # 1 / 0.01 = 100, clamped to 50 after the first step
     assert scales[1] <= 50.0 + 1e-4
     assert set(out) == {"loss", "log/logit_scale", "log/positive_cosine"}
+
+
+def test_attention_pool_trains_and_tells_apart_maps_that_differ_only_in_where_things_are(scenes):
+    torch.manual_seed(0)
+    cfg = tiny_config(strategy_params={**TINY_CLIP, "image_pool": "attention", "feature_grid": 4})
+    model = get_strategy("clip").build_model(cfg, 0, 3)
+    batch = to_model_inputs(Preprocessor(cfg.data, train=True, seed=0)(train_rows(scenes, 8)), cfg.data, "cpu")
+    before = model.visual_proj.pos_embed.detach().clone()
+    optimizer = build_optimizer(model, cfg.optim, 1e-2)
+    model(batch)["loss"].backward()
+    optimizer.step()
+    assert not torch.equal(model.visual_proj.pos_embed, before)  # the position embedding learns
+    assert model.encode_image(batch["image"]).shape == (8, TINY_CLIP["embed_dim"])
+    assert model.backbone(batch["image"]).ndim == 2  # the backbone alone still gives pooled features
+    # the same features in mirrored places: equal under average pooling, told apart by the attention pool
+    feature_map = torch.randn(1, model.backbone.num_features, 4, 4)
+    mirrored = torch.cat([feature_map, feature_map.flip(-1)])
+    torch.testing.assert_close(mirrored.mean((2, 3))[0], mirrored.mean((2, 3))[1])
+    with torch.no_grad():
+        pooled = model.visual_proj(mirrored)
+    assert (pooled[0] - pooled[1]).abs().max() > 1e-3
+
+
+def test_hard_negatives_raise_the_loss_on_scenes_rows_and_need_negatives(scenes):
+    data = tiny_config().data
+    batch = to_model_inputs(Preprocessor(data, train=True, seed=0)(train_rows(scenes, 8)), data, "cpu")
+    losses = {}
+    for hard_negatives in (False, True):
+        torch.manual_seed(0)
+        cfg = tiny_config(strategy_params={**TINY_CLIP, "hard_negatives": hard_negatives})
+        losses[hard_negatives] = get_strategy("clip").build_model(cfg, 0, 3)(batch)["loss"].item()
+    assert batch["negative_text"].any(dim=1).all()  # every scenes row has a hard negative
+    assert losses[True] > losses[False]  # each image's softmax over texts gains 8 more candidates
+    without_negatives = {key: value for key, value in batch.items() if key != "negative_text"}
+    with pytest.raises(ValueError, match="hard_negatives: the batch has no hard-negative captions"):
+        get_strategy("clip").build_model(cfg, 0, 3)(without_negatives)
+
+
+def test_attention_pool_is_refused_for_a_vit_naming_the_key():
+    cfg = tiny_config(strategy_params={**TINY_CLIP, "image_pool": "attention"})
+    cfg.model.backbone, cfg.model.stem_stride = "test_vit", None
+    with pytest.raises(ValueError, match="image_pool: attention pools a convolutional feature map; test_vit"):
+        get_strategy("clip").build_model(cfg, 0, 3)
 
 
 def test_evaluation_reports_recall_both_ways_and_the_shuffled_baseline(scenes):

@@ -118,7 +118,9 @@ def text_columns(batch: dict[str, np.ndarray], context_length: int, rng: np.rand
     """The token columns of a batch of image-text rows, by which annotations the rows carry.
 
     - ``captions`` (caption and retrieval rows): ``text``, one caption per row; with ``negatives``
-      also ``negative_text``, the hard negative made from that caption (all zeros for a row without one).
+      also ``negative_text``, the row's negative at the chosen caption's index (all zeros past its last
+      negative). Scenes rows list one negative per caption that has a false variant, in caption order, so
+      it is made from that caption or, after a caption without one, from a later caption of the image.
     - ``questions`` (VQA rows): ``sequence`` = ``question: Q answer: A`` and ``target_mask`` on ``A``,
       one question per row with its most common answer.
     - ``refs`` (grounding rows): ``sequence`` = ``EXPRESSION box:`` then the box's four location tokens

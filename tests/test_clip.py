@@ -310,6 +310,11 @@ def test_clip_needs_an_image_text_dataset_and_supervised_a_classification_one(pr
     supervised = validate({"name": "s", "model": {"backbone": "test_resnet"}, "data": {"dataset": str(scenes)}})
     with pytest.raises(DatasetError, match="is a retrieval dataset; strategy supervised trains on classification"):
         check_experiment(supervised)
+    hard_negatives = {**TINY_CLIP, "hard_negatives": True}
+    check_experiment(tiny_config(dataset=str(scenes), strategy_params=hard_negatives))
+    captions = str(scenes.parent / "caption")
+    with pytest.raises(DatasetError, match=f"hard_negatives: {captions} is a caption dataset, without hard-negative"):
+        check_experiment(tiny_config(dataset=captions, strategy_params=hard_negatives))
 
 
 def test_scenes_config_builds_and_runs_a_step_on_a_batch(scenes):

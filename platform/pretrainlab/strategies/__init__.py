@@ -11,6 +11,8 @@ Each strategy module provides:
   ``"image_text"`` (validated by retrieval Recall@K; the model has ``encode_image`` and
   ``encode_text``);
 - optionally ``DATASET_TASKS``, the dataset tasks it trains on (default: classification);
+- optionally ``check_dataset(cfg, info)``, raising ``DatasetError`` where its settings need
+  something the dataset (``info``: the manifest's task, classes and channels) lacks;
 - optionally ``Params``, a :class:`pretrainlab.config.StrategyParams` model of its
   ``strategy_params`` in the config;
 - optionally a model method ``after_step(step, total_steps)`` that the training loop calls

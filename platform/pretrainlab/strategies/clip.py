@@ -27,6 +27,7 @@ from timm.layers import AttentionPool2d
 from torch import nn
 
 from pretrainlab.config import ExperimentConfig, StrategyParams
+from pretrainlab.data.errors import DatasetError
 from pretrainlab.models.backbones import feature_dim
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
@@ -125,11 +126,8 @@ class CLIP(nn.Module):
         scale = self.logit_scale.exp()
         negatives = has_negative = None
         if self.hard_negatives:
-            if "negative_text" not in batch:
-                raise ValueError(
-                    "strategy_params.hard_negatives: the batch has no hard-negative captions; it needs a retrieval "
-                    "dataset with negatives"
-                )
+            if "negative_text" not in batch:  # check_dataset refuses such datasets before training
+                raise ValueError("strategy_params.hard_negatives: the batch has no hard-negative captions")
             negatives, has_negative = self.encode_text(batch["negative_text"]), batch["negative_text"].any(dim=1)
         return {
             "loss": contrastive_loss(images, texts, scale, negatives, has_negative),
@@ -141,6 +139,15 @@ class CLIP(nn.Module):
         """Keeps the logit scale in ``[0, log(max_logit_scale)]``."""
         with torch.no_grad():
             self.logit_scale.clamp_(0.0, self.max_log_scale)
+
+
+def check_dataset(cfg: ExperimentConfig, info: dict) -> None:
+    """Raises ``DatasetError`` when ``hard_negatives`` is set and the dataset has no hard-negative captions."""
+    if Params.model_validate(cfg.strategy_params).hard_negatives and info["task"] != "retrieval":
+        raise DatasetError(
+            f"strategy_params.hard_negatives: {cfg.data.dataset} is a {info['task']} dataset, without hard-negative "
+            "captions; train on a retrieval dataset or set hard_negatives: false"
+        )
 
 
 def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_init_from: bool = True) -> CLIP:

@@ -129,6 +129,18 @@ def test_missing_or_bad_manifest_names_the_path(tmp_path):
         load_manifest(tmp_path / "ds")
 
 
+def test_version_1_manifests_are_read_except_retrieval_ones_which_lack_also_true(tmp_path):
+    _write(tmp_path / "ds")
+    manifest_path = tmp_path / "ds" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["schema_version"] == 2 and manifest["task"] == "classification"
+    manifest_path.write_text(json.dumps({**manifest, "schema_version": 1}))
+    assert verify_dataset(tmp_path / "ds")["schema_version"] == 1
+    manifest_path.write_text(json.dumps({**manifest, "schema_version": 1, "task": "retrieval"}))
+    with pytest.raises(DatasetError, match="a 'retrieval' dataset of schema_version 1, this PretrainLab reads"):
+        load_manifest(tmp_path / "ds")
+
+
 def test_unknown_split_lists_known_splits(tmp_path):
     _write(tmp_path / "ds")
     with pytest.raises(DatasetError, match="no split 'test'; known splits: train, val"):

@@ -35,6 +35,7 @@ from pretrainlab.paths import is_uri
 from pretrainlab.storage import join, open_input
 
 SCHEMA_VERSION = 2
+"""Written into every manifest. Version 2 added ``also_true`` to retrieval rows; see ``READABLE_TASKS``."""
 MANIFEST_FILE = "manifest.json"
 IMAGE_FORMATS = ("raw", "png", "jpeg")
 
@@ -100,6 +101,9 @@ SCHEMAS: dict[str, pa.Schema] = {
     "vqa": VQA_SCHEMA,
     "grounding": GROUNDING_SCHEMA,
 }
+
+READABLE_TASKS: dict[int, frozenset[str]] = {1: frozenset(SCHEMAS) - {"retrieval"}, 2: frozenset(SCHEMAS)}
+"""Schema version -> the tasks whose datasets of that version this version reads (their rows are unchanged)."""
 
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
 _TYPE_FAMILIES = (
@@ -247,11 +251,13 @@ def load_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
         raise DatasetError(f"{path}: cannot read: {e}") from None
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
-        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    task = manifest.get("task") if isinstance(manifest, dict) else None
+    readable = READABLE_TASKS.get(version, frozenset()) if isinstance(version, int) else frozenset()
+    if task not in readable:
         raise DatasetError(
-            f"{path}: schema_version {version!r}, this PretrainLab reads version {SCHEMA_VERSION}; "
-            "convert the dataset again"
+            f"{path}: a {task!r} dataset of schema_version {version!r}, this PretrainLab reads version "
+            f"{SCHEMA_VERSION} (and version 1 of tasks other than retrieval); convert the dataset again"
         )
     _check_manifest(manifest, path)
     return manifest

@@ -183,7 +183,7 @@ def test_four_datasets_verify_and_share_the_images(small):
             zip(SPLITS, [240, 15, 30, 15], strict=True)
         )
         metadata = manifest["metadata"]
-        assert (metadata["seed"], metadata["image_size"], metadata["generator"]) == (1, 64, "scenes-1")
+        assert (metadata["seed"], metadata["image_size"], metadata["generator"]) == (1, 64, "scenes-2")
         assert sorted(map(tuple, metadata["held_out"])) == sorted(held_out_combinations(1))
     for split in SPLITS:
         images = {task: rows(path, split, ["image", "source_id"]) for task, path in small.items()}

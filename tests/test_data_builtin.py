@@ -1,6 +1,7 @@
 """Built-in datasets: digits from scikit-learn, Fashion-MNIST from IDX files (generated and real)."""
 
 import gzip
+import json
 import struct
 import tracemalloc
 
@@ -10,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pretrainlab.config import validate
+from pretrainlab.data import builtin
 from pretrainlab.data.builtin import FASHION_MNIST_DIR, prepare_builtin
 from pretrainlab.data.catalog import dataset_location, prepared_location
 from pretrainlab.data.dataset import load_split_numpy
@@ -186,3 +188,16 @@ def test_a_config_names_where_its_dataset_is_prepared_without_converting_it(tmp_
     assert dataset_location(on_s3) == "s3://bucket/sets/shapes"
     a_file = validate({"name": "t", "data": {"dataset": str(tmp_path / "digits" / "manifest.json")}})
     assert prepared_location(a_file) is None
+
+
+def test_scenes_are_kept_when_intact_and_generated_again_when_an_older_generator_made_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(builtin, "SCENES_IMAGES", 40)  # the set's size, small for the test
+    out = builtin.prepare_scenes(tmp_path)
+    manifest = out / "retrieval" / "manifest.json"
+    written = manifest.stat().st_mtime_ns
+    assert builtin.prepare_scenes(tmp_path) == out and manifest.stat().st_mtime_ns == written
+    older = json.loads(manifest.read_text())
+    older["metadata"]["generator"] = "scenes-1"
+    manifest.write_text(json.dumps(older))
+    builtin.prepare_scenes(tmp_path)
+    assert load_manifest(out / "retrieval")["metadata"]["generator"] == "scenes-2"

@@ -143,50 +143,40 @@ def _features() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
 
 
-def _loss_and_grads(images: torch.Tensor, texts: torch.Tensor, rank: int, world: int) -> dict[str, torch.Tensor]:
-    images, texts = images.clone().requires_grad_(True), texts.clone().requires_grad_(True)
-    loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(images, texts, 10.0)
-    loss.backward()
-    return {"loss": loss.detach(), "image_grad": images.grad, "text_grad": texts.grad}
-
-
-def _half_batch(rank: int, world: int) -> dict[str, torch.Tensor]:
-    images, texts = (t.chunk(world)[rank] for t in _features())
-    return _loss_and_grads(images, texts, rank, world)
-
-
-def test_two_workers_match_one_on_the_whole_batch():
-    per_worker = on_gloo_workers(_half_batch, world=WORLD)
-    single = _loss_and_grads(*_features(), rank=0, world=1)
-    torch.testing.assert_close(sum(r["loss"] for r in per_worker) / WORLD, single["loss"])
-    for name in ("image_grad", "text_grad"):  # DDP averages gradients over workers
-        torch.testing.assert_close(torch.cat([r[name] for r in per_worker]) / WORLD, single[name])
-
-
 def _negatives() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(5)
     negatives = torch.nn.functional.normalize(torch.randn(8, 6, generator=generator, dtype=torch.float64), dim=1)
     return negatives, torch.tensor([True, False, True, True, False, True, True, True])  # rows 1 and 4 have none
 
 
-def _hard_negative_loss_and_grads(images, texts, negatives, has_negative) -> dict[str, torch.Tensor]:
-    leaves = [t.clone().requires_grad_(True) for t in (images, texts, negatives)]
-    loss = clip.contrastive_loss(*leaves[:2], torch.tensor(10.0, dtype=torch.float64), leaves[2], has_negative)
-    loss.backward()
-    return {"loss": loss.detach(), **{f"grad{i}": leaf.grad for i, leaf in enumerate(leaves)}}
+def _losses_and_grads(images, texts, negatives, has_negative, rank: int, world: int) -> dict[str, dict]:
+    """open_clip's ClipLoss (``plain``) and ``contrastive_loss`` with hard negatives (``hard``), with gradients."""
+    results = {}
+    for kind in ("plain", "hard"):
+        leaves = [t.clone().requires_grad_(True) for t in (images, texts, negatives)]
+        if kind == "plain":
+            loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(*leaves[:2], 10.0)
+        else:
+            scale = torch.tensor(10.0, dtype=torch.float64)
+            loss = clip.contrastive_loss(*leaves[:2], scale, leaves[2], has_negative)
+        loss.backward()
+        results[kind] = {"loss": loss.detach(), **{f"grad{i}": leaf.grad for i, leaf in enumerate(leaves)}}
+    return results
 
 
-def _hard_negative_half_batch(rank: int, world: int) -> dict[str, torch.Tensor]:
-    return _hard_negative_loss_and_grads(*(t.chunk(world)[rank] for t in (*_features(), *_negatives())))
+def _half_batch(rank: int, world: int) -> dict[str, dict]:
+    return _losses_and_grads(*(t.chunk(world)[rank] for t in (*_features(), *_negatives())), rank, world)
 
 
-def test_hard_negatives_on_two_workers_match_one_worker_on_the_whole_batch():
-    per_worker = on_gloo_workers(_hard_negative_half_batch, world=WORLD)
-    single = _hard_negative_loss_and_grads(*_features(), *_negatives())
-    torch.testing.assert_close(sum(r["loss"] for r in per_worker) / WORLD, single["loss"])
-    for name in ("grad0", "grad1", "grad2"):
-        torch.testing.assert_close(torch.cat([r[name] for r in per_worker]) / WORLD, single[name])
-    assert single["grad2"][[1, 4]].abs().max() == 0  # a row without a hard negative adds no text
+def test_two_workers_match_one_on_the_whole_batch_with_and_without_hard_negatives():
+    per_worker = on_gloo_workers(_half_batch, world=WORLD)
+    single = _losses_and_grads(*_features(), *_negatives(), rank=0, world=1)
+    for kind, leaves in (("plain", ("grad0", "grad1")), ("hard", ("grad0", "grad1", "grad2"))):
+        torch.testing.assert_close(sum(r[kind]["loss"] for r in per_worker) / WORLD, single[kind]["loss"])
+        for name in leaves:  # DDP averages gradients over workers
+            torch.testing.assert_close(torch.cat([r[kind][name] for r in per_worker]) / WORLD, single[kind][name])
+    assert single["hard"]["grad2"][[1, 4]].abs().max() == 0  # a row without a hard negative adds no text
+    assert single["hard"]["loss"] > single["plain"]["loss"]
 
 
 def test_a_hard_negative_as_close_as_the_caption_halves_the_image_side():

@@ -60,6 +60,11 @@ def train_rows(folder, count: int) -> dict[str, np.ndarray]:
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
+def train_batch(folder, count: int, data) -> dict[str, torch.Tensor]:
+    """The model inputs of the first ``count`` training rows through ``data``'s training pipeline (seed 0)."""
+    return to_model_inputs(Preprocessor(data, train=True, seed=0)(train_rows(folder, count)), data, "cpu")
+
+
 # --- tokenizer ------------------------------------------------------------------------------------------------------
 
 
@@ -204,7 +209,7 @@ def test_two_steps_give_finite_losses_and_keep_the_logit_scale_bounded(scenes):
     torch.manual_seed(0)
     cfg = tiny_config(strategy_params={**TINY_CLIP, "init_temperature": 0.01, "max_logit_scale": 50.0})
     model = get_strategy("clip").build_model(cfg, 0, 3)
-    batch = to_model_inputs(Preprocessor(cfg.data, train=True, seed=0)(train_rows(scenes, 16)), cfg.data, "cpu")
+    batch = train_batch(scenes, 16, cfg.data)
     optimizer = build_optimizer(model, cfg.optim, 1e-2)
     losses, scales = [], []
     for step in range(2):
@@ -225,7 +230,7 @@ def test_attention_pool_trains_and_tells_apart_maps_that_differ_only_in_where_th
     torch.manual_seed(0)
     cfg = tiny_config(strategy_params={**TINY_CLIP, "image_pool": "attention", "feature_grid": 4})
     model = get_strategy("clip").build_model(cfg, 0, 3)
-    batch = to_model_inputs(Preprocessor(cfg.data, train=True, seed=0)(train_rows(scenes, 8)), cfg.data, "cpu")
+    batch = train_batch(scenes, 8, cfg.data)
     before = model.visual_proj.pos_embed.detach().clone()
     optimizer = build_optimizer(model, cfg.optim, 1e-2)
     model(batch)["loss"].backward()
@@ -243,8 +248,7 @@ def test_attention_pool_trains_and_tells_apart_maps_that_differ_only_in_where_th
 
 
 def test_hard_negatives_raise_the_loss_on_scenes_rows_and_need_negatives(scenes):
-    data = tiny_config().data
-    batch = to_model_inputs(Preprocessor(data, train=True, seed=0)(train_rows(scenes, 8)), data, "cpu")
+    batch = train_batch(scenes, 8, tiny_config().data)
     losses = {}
     for hard_negatives in (False, True):
         torch.manual_seed(0)
@@ -311,8 +315,7 @@ def test_scenes_config_builds_and_runs_a_step_on_a_batch(scenes):
     # the test set's 64 px images instead of the config's 96 px ones
     cfg = load_config(CONFIGS / "clip_resnet10t_scenes.yaml", ["data.train_pipeline=[{type: RandomCrop, size: 64}]"])
     model = get_strategy("clip").build_model(cfg, 0, 3)
-    rows = train_rows(scenes, 4)
-    batch = to_model_inputs(Preprocessor(cfg.data, train=True, seed=0)(rows), cfg.data, "cpu")
+    batch = train_batch(scenes, 4, cfg.data)
     assert math.isfinite(model(batch)["loss"].item())
 
 

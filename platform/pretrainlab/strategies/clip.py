@@ -159,12 +159,11 @@ def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_ini
     """
     params = Params.model_validate(cfg.strategy_params)
     backbone, init_report = build_backbone(cfg, in_chans, load_init_from)
-    if params.image_pool == "attention":
-        if hasattr(backbone, "patch_embed"):
-            raise ValueError(
-                f"strategy_params.image_pool: attention pools a convolutional feature map; {cfg.model.backbone} "
-                "pools its own tokens, use image_pool: avg"
-            )
+    if params.image_pool == "attention" and hasattr(backbone, "patch_embed"):
+        raise ValueError(
+            f"strategy_params.image_pool: attention pools a convolutional feature map; {cfg.model.backbone} "
+            "pools its own tokens, use image_pool: avg"
+        )
     text = build_text_tower(
         cfg.data.context_length, params.text_width, params.text_layers, params.text_heads, params.embed_dim
     )

@@ -19,13 +19,15 @@ from pretrainlab.data.dataset import load_split_annotated
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.pipeline import Preprocessor, to_model_inputs
 from pretrainlab.data.scenes import write_scenes
+from pretrainlab.data.scenes.language import CAPTION_KINDS
 from pretrainlab.data.text import detokenize, tokenize
 from pretrainlab.inference.inferencers import ImageTextInferencer
+from pretrainlab.inference.loading import load_model
 from pretrainlab.inference.zoo import ModelInfo
-from pretrainlab.metrics.retrieval import retrieval_recall, text_gallery
+from pretrainlab.metrics.retrieval import retrieval_recall, text_gallery, text_to_image_recall_by_group
 from pretrainlab.strategies import clip, get_strategy
 from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
-from pretrainlab.train.image_text import evaluate_retrieval
+from pretrainlab.train.image_text import evaluate_retrieval, evaluate_retrieval_split
 from pretrainlab.train.optim import build_optimizer
 from pretrainlab.train.trainer import check_experiment
 from pretrainlab.train.zero_shot import labelled_images
@@ -130,6 +132,24 @@ def test_recall_treats_duplicate_captions_as_relevant_to_every_image_that_has_th
     text_embeddings = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # "two objects" is nearest image 1
     m = retrieval_recall(images, text_embeddings, relevant, ks=(1,))
     assert m["t2i_r1"] == 100.0  # image 1 also has "two objects"
+
+
+def test_recall_by_group_ranks_each_query_text_within_its_group():
+    # the texts of test_recall_counts_rank_of_the_best_relevant_item: text 0 ranks its image 2nd, texts 1 and 2 1st
+    images = torch.eye(3)
+    texts = torch.tensor([[0.9, 1.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    relevant = np.array([[True, False, False, False], [False, True, False, False], [False, False, True, False]])
+    m = text_to_image_recall_by_group(images, texts, relevant, ["a", "b", "a", "b"], ks=(1, 2))
+    assert m == {
+        "t2i_r1/a": 50.0,
+        "t2i_r2/a": 100.0,
+        "t2i_queries/a": 2.0,
+        "t2i_r1/b": 100.0,  # text 3 is a distractor, no query: group b holds text 1 only
+        "t2i_r2/b": 100.0,
+        "t2i_queries/b": 1.0,
+    }
+    with pytest.raises(ValueError, match="3 groups for 4 texts"):
+        text_to_image_recall_by_group(images, texts, relevant, ["a", "b", "a"])
 
 
 def test_recall_rejects_a_relevance_matrix_of_another_shape():
@@ -336,7 +356,15 @@ def clip_checkpoint(scenes, tmp_path_factory):
 def test_evaluate_job_reports_recall_of_an_image_text_checkpoint(project, clip_checkpoint, capsys):
     assert evaluate_job.main([str(clip_checkpoint), "--split", "test", "--no-mlflow"]) == 0
     out = capsys.readouterr().out
-    assert "t2i_r1" in out and "shuffled/t2i_r1" in out
+    assert "t2i_r1" in out and "shuffled/t2i_r1" in out and "t2i_r1/spatial_relation" in out
+
+
+def test_scenes_evaluation_splits_text_to_image_recall_by_kind_of_caption(clip_checkpoint):
+    metrics = evaluate_retrieval_split(load_model(str(clip_checkpoint)), "test", batch_size=16)
+    queries = {key.split("/")[1]: n for key, n in metrics.items() if key.startswith("t2i_queries/")}
+    assert set(queries) == set(CAPTION_KINDS)
+    hits = sum(metrics[f"t2i_r5/{kind}"] * n for kind, n in queries.items())
+    assert hits / sum(queries.values()) == pytest.approx(metrics["t2i_r5"])
 
 
 def test_zero_shot_job_classifies_scenes_objects_by_shape(project, scenes, clip_checkpoint, capsys):

@@ -26,6 +26,7 @@ from pretrainlab.data.scenes import (
     write_scenes,
 )
 from pretrainlab.data.scenes.grammar import COLORS, SHAPES, SIZES
+from pretrainlab.data.scenes.language import CAPTION_KINDS, caption_kind
 from pretrainlab.data.shards import load_manifest, shard_paths, verify_dataset
 
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]
@@ -285,6 +286,26 @@ def test_also_true_holds_exactly_the_other_texts_of_the_split_that_are_true(smal
             assert len(row["also_true"]) == len(expected)  # no repeats
             found += len(expected)
         assert found > len(split_rows)  # partial captions ("two red objects") are true of many images
+
+
+def kind_of(caption: str) -> str:
+    """The kind of claim, read as :func:`claim_is_true` reads it."""
+    if re.fullmatch(r"from left to right: (.+)", caption):
+        return "listing"
+    if re.fullmatch(r"there are (\w+) objects", caption):
+        return "count"
+    if m := re.fullmatch(rf"an? (.+?) {RELATION} an? (.+)", caption):
+        return "size_relation" if m[2].endswith(" than") else "spatial_relation"
+    return "attribute_count"
+
+
+def test_caption_kind_names_the_form_of_every_caption_and_negative(small):
+    texts = {text for row in rows(small["retrieval"], "train") for text in (*row["captions"], *row["negatives"])}
+    kinds = Counter(caption_kind(text) for text in texts)
+    assert set(kinds) == set(CAPTION_KINDS), kinds
+    assert all(caption_kind(text) == kind_of(text) for text in texts)
+    with pytest.raises(ValueError, match="not a caption of the scenes grammar: 'a cat on a mat'"):
+        caption_kind("a cat on a mat")
 
 
 def test_compositional_split_holds_only_held_out_combinations(large):

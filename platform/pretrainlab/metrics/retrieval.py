@@ -84,10 +84,43 @@ def retrieval_recall(
         queries = hits.any(dim=1)
         if not queries.any():
             raise ValueError(f"{name}: no query has a relevant item")
-        scores, hits = scores[queries], hits[queries]
-        best_relevant = scores.masked_fill(~hits, float("-inf")).max(dim=1, keepdim=True).values
-        rank = (scores > best_relevant).sum(dim=1)  # items ranked above the best relevant one
+        rank = _best_relevant_rank(scores[queries], hits[queries])
         for k in ks:
             metrics[f"{name}_r{k}"] = 100.0 * (rank < k).float().mean().item()
     metrics["rsum"] = sum(metrics.values())
     return metrics
+
+
+def text_to_image_recall_by_group(
+    image_embeddings: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    relevant: np.ndarray | torch.Tensor,
+    groups: Sequence[str],
+    ks: Sequence[int] = RECALL_KS,
+) -> dict[str, float]:
+    """Text->image Recall@K in percent within each group of query texts (``t2i_r<K>/<group>``), and each
+    group's number of queries (``t2i_queries/<group>``).
+
+    Args:
+        image_embeddings, text_embeddings, relevant, ks: As for :func:`retrieval_recall`.
+        groups: The group of each text (for example the kind of caption); groups without a query are left out.
+    """
+    relevant = torch.as_tensor(relevant, dtype=torch.bool)
+    if len(groups) != len(text_embeddings):
+        raise ValueError(f"{len(groups)} groups for {len(text_embeddings)} texts")
+    scores, hits = text_embeddings.float() @ image_embeddings.float().T, relevant.T
+    queries = hits.any(dim=1)
+    rank = _best_relevant_rank(scores[queries], hits[queries])
+    query_groups = np.asarray(groups, dtype=object)[queries.numpy()]
+    metrics = {}
+    for group in dict.fromkeys(query_groups):
+        ranks = rank[torch.from_numpy(query_groups == group)]
+        metrics |= {f"t2i_r{k}/{group}": 100.0 * (ranks < k).float().mean().item() for k in ks}
+        metrics[f"t2i_queries/{group}"] = float(len(ranks))
+    return metrics
+
+
+def _best_relevant_rank(scores: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
+    """Per query (row), how many items score above its best-scoring relevant item (0: a match ranked first)."""
+    best_relevant = scores.masked_fill(~hits, float("-inf")).max(dim=1, keepdim=True).values
+    return (scores > best_relevant).sum(dim=1)

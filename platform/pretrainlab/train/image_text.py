@@ -8,7 +8,7 @@ L2-normalised embeddings.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -17,9 +17,12 @@ from torch import nn
 from pretrainlab.config import DataConfig
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.dataset import load_split_annotated
+from pretrainlab.data.scenes import GENERATOR_VERSION
+from pretrainlab.data.scenes.language import caption_kind
+from pretrainlab.data.shards import load_manifest
 from pretrainlab.data.text import tokenize
 from pretrainlab.inference.loading import LoadedModel
-from pretrainlab.metrics.retrieval import retrieval_recall, text_gallery
+from pretrainlab.metrics.retrieval import retrieval_recall, text_gallery, text_to_image_recall_by_group
 from pretrainlab.strategies.common import rank_and_world
 from pretrainlab.train.evaluate import eval_batches, gather_from_workers, gather_rows
 
@@ -101,7 +104,12 @@ def retrieval_validation(
 
 
 def evaluate_retrieval(
-    model: nn.Module, images: np.ndarray, annotations: dict[str, list], cfg: DataConfig, batch_size: int = 512
+    model: nn.Module,
+    images: np.ndarray,
+    annotations: dict[str, list],
+    cfg: DataConfig,
+    batch_size: int = 512,
+    text_group: Callable[[str], str] | None = None,
 ) -> dict[str, float]:
     """Recall@K of ``model`` on one split, next to the shuffled-image baseline (``shuffled/*``).
 
@@ -115,6 +123,8 @@ def evaluate_retrieval(
         annotations: The split's ``captions`` (and ``negatives``, ``also_true``), one list per image.
         cfg: The model's data section (evaluation pipeline, ``context_length``).
         batch_size: Images or texts per forward pass.
+        text_group: The group of a text (e.g. its kind of caption); with it, text->image Recall@K
+            is also reported per group (``t2i_r<K>/<group>``, ``t2i_queries/<group>``).
     """
     device = next(model.parameters()).device
     texts, relevant = text_gallery(annotations["captions"], annotations.get("negatives"), annotations.get("also_true"))
@@ -122,15 +132,20 @@ def evaluate_retrieval(
     text_embeddings = encode_texts(model, texts, cfg.context_length, batch_size, device)
     shuffled = torch.from_numpy(np.random.default_rng(0).permutation(len(images)))
     baseline = retrieval_recall(image_embeddings[shuffled], text_embeddings, relevant)
-    return {
-        **retrieval_recall(image_embeddings, text_embeddings, relevant),
-        **{f"shuffled/{key}": value for key, value in baseline.items()},
-    }
+    metrics = retrieval_recall(image_embeddings, text_embeddings, relevant)
+    if text_group is not None:
+        groups = [text_group(text) for text in texts]
+        metrics |= text_to_image_recall_by_group(image_embeddings, text_embeddings, relevant, groups)
+    return {**metrics, **{f"shuffled/{key}": value for key, value in baseline.items()}}
 
 
 def evaluate_retrieval_split(
     loaded: LoadedModel, split: str, data_folder: str | None = None, batch_size: int = 512
 ) -> dict[str, float]:
-    """:func:`evaluate_retrieval` of a loaded checkpoint on ``split`` of its dataset (or of ``data_folder``)."""
-    images, annotations = load_split_annotated(data_folder or dataset_dir(loaded.config), split)
-    return evaluate_retrieval(loaded.model, images, annotations, loaded.config.data, batch_size)
+    """:func:`evaluate_retrieval` of a loaded checkpoint on ``split`` of its dataset (or of ``data_folder``); on
+    the scenes set, text->image Recall@K also per kind of caption (``t2i_r1/spatial_relation``, ...)."""
+    folder = data_folder or dataset_dir(loaded.config)
+    images, annotations = load_split_annotated(folder, split)
+    generated_by = load_manifest(folder).get("metadata", {}).get("generator")
+    text_group = caption_kind if generated_by == GENERATOR_VERSION else None
+    return evaluate_retrieval(loaded.model, images, annotations, loaded.config.data, batch_size, text_group)

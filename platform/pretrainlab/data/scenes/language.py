@@ -277,6 +277,30 @@ def true_claims(objects: Sequence[SceneObject]) -> set[Claim]:
     return claims
 
 
+CAPTION_KINDS = ("listing", "count", "attribute_count", "spatial_relation", "size_relation")
+"""The kinds of caption the grammar writes, as :func:`caption_kind` names them."""
+
+
+def caption_kind(text: str) -> str:
+    """Which kind of claim a caption or hard negative of this grammar is, one of ``CAPTION_KINDS``.
+
+    Raises:
+        ValueError: ``text`` is no caption of this grammar's forms.
+    """
+    words = f" {text} "
+    if text.startswith("from left to right: "):
+        return "listing"
+    if any(text == Count(number).text() for number in range(MIN_OBJECTS, MAX_OBJECTS + 1)):
+        return "count"
+    if any(f" {relation} " in words for relation in SPATIAL_RELATIONS):
+        return "spatial_relation"
+    if any(f" {relation} " in words for relation in SIZE_RELATIONS):
+        return "size_relation"
+    if text.split(" ", 1)[0] in NUMBER_WORDS[1:]:
+        return "attribute_count"
+    raise ValueError(f"not a caption of the scenes grammar: {text!r}")
+
+
 def _listing(objects: Sequence[SceneObject]) -> Listing:
     return Listing(tuple(Description.of(o) for o in sorted(objects, key=lambda o: o.center[0])))
 

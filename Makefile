@@ -16,7 +16,7 @@ train: setup
 	$(PY) jobs/pretrain.py $(CONFIG) $(ARGS)
 
 test: setup
-	$(PY) -m pytest $(ARGS)
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest $(ARGS)
 
 benchmark: setup
 	$(PY) benchmarks/train_overhead.py

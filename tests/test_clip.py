@@ -24,7 +24,13 @@ from pretrainlab.data.text import detokenize, tokenize
 from pretrainlab.inference.inferencers import ImageTextInferencer
 from pretrainlab.inference.loading import load_model
 from pretrainlab.inference.zoo import ModelInfo
-from pretrainlab.metrics.retrieval import retrieval_recall, text_gallery, text_to_image_recall_by_group
+from pretrainlab.metrics.retrieval import (
+    recall_of_scores,
+    rerank_top_k,
+    retrieval_recall,
+    text_gallery,
+    text_to_image_recall_by_group,
+)
 from pretrainlab.strategies import clip, get_strategy
 from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.train.image_text import evaluate_retrieval, evaluate_retrieval_split
@@ -139,7 +145,7 @@ def test_recall_by_group_ranks_each_query_text_within_its_group():
     images = torch.eye(3)
     texts = torch.tensor([[0.9, 1.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
     relevant = np.array([[True, False, False, False], [False, True, False, False], [False, False, True, False]])
-    m = text_to_image_recall_by_group(images, texts, relevant, ["a", "b", "a", "b"], ks=(1, 2))
+    m = text_to_image_recall_by_group(texts @ images.T, relevant, ["a", "b", "a", "b"], ks=(1, 2))
     assert m == {
         "t2i_r1/a": 50.0,
         "t2i_r2/a": 100.0,
@@ -149,7 +155,32 @@ def test_recall_by_group_ranks_each_query_text_within_its_group():
         "t2i_queries/b": 1.0,
     }
     with pytest.raises(ValueError, match="3 groups for 4 texts"):
-        text_to_image_recall_by_group(images, texts, relevant, ["a", "b", "a"])
+        text_to_image_recall_by_group(texts @ images.T, relevant, ["a", "b", "a"])
+
+
+def test_rerank_top_k_orders_each_querys_candidates_by_the_second_score_above_the_rest():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1], [0.1, 0.2, 0.3, 0.4]])
+    second = torch.tensor([[0.0, 0.5, 1.0, 1.0], [1.0, 1.0, 0.2, 0.1]])  # favours items the first stage ranks low
+    pairs = []
+
+    def score_pairs(query, item):
+        pairs.extend(zip(query.tolist(), item.tolist(), strict=True))
+        return second[query, item]
+
+    reranked = rerank_top_k(scores, 3, score_pairs)
+    assert sorted(pairs) == [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (1, 3)]
+    assert reranked[0].argsort(descending=True).tolist() == [2, 1, 0, 3]  # item 3 is no candidate: last
+    assert reranked[1].argsort(descending=True).tolist() == [1, 2, 3, 0]
+    only_row_1 = rerank_top_k(scores, 3, score_pairs, rows=torch.tensor([False, True]))
+    assert torch.equal(only_row_1[0], scores[0]) and only_row_1[1].argsort(descending=True).tolist() == [1, 2, 3, 0]
+
+
+def test_recall_of_scores_ranks_each_direction_by_its_own_scores():
+    relevant = np.eye(2, dtype=bool)
+    image_to_text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # each image's own text first
+    text_to_image = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # each text's image last
+    m = recall_of_scores(image_to_text, text_to_image, relevant, ks=(1,))
+    assert (m["i2t_r1"], m["t2i_r1"]) == (100.0, 0.0)
 
 
 def test_recall_rejects_a_relevance_matrix_of_another_shape():

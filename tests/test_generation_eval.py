@@ -13,8 +13,9 @@ from pretrainlab.analysis.multimodal_samples import plot_samples
 from pretrainlab.config import validate
 from pretrainlab.data.dataset import load_split_annotated
 from pretrainlab.data.scenes import write_scenes
-from pretrainlab.data.text import FIRST_LOCATION_ID, VQA_PROMPT, bpe_ids, detokenize
+from pretrainlab.data.text import FIRST_LOCATION_ID, VQA_PROMPT, bpe_ids, detokenize, tokenize
 from pretrainlab.metrics.captioning import caption_scores
+from pretrainlab.metrics.retrieval import recall_of_scores, text_gallery
 from pretrainlab.models.generation import Hypothesis
 from pretrainlab.strategies import get_strategy
 from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
@@ -27,6 +28,7 @@ from pretrainlab.train.generation_eval import (
     generate_best,
     hypothesis_box,
 )
+from pretrainlab.train.image_text import evaluate_retrieval
 
 TINY_BLIP = {"embed_dim": 16, "width": 16, "text_layers": 1, "decoder_layers": 1, "heads": 2}
 CAPTION_KEYS = {"bleu1", "bleu2", "bleu3", "bleu4", "cider"}
@@ -142,6 +144,22 @@ def test_grounding_scores_each_expression_and_the_centre_box_baseline(scenes):
     assert metrics["centre_box/miou"] == pytest.approx(100 * (44 / 656) / 2)
 
 
+def test_reranking_every_candidate_ranks_by_the_matching_head_alone(scenes):
+    cfg, model = tiny_blip(scenes["retrieval"])
+    images, annotations = load_split_annotated(scenes["retrieval"], "test")
+    texts, relevant = text_gallery(annotations["captions"], annotations["negatives"], annotations["also_true"])
+    pairs = [(i, t) for i in range(len(images)) for t in range(len(texts))]
+    batch = torch.cat(list(eval_batches(images, cfg.data)))
+    ids = torch.from_numpy(tokenize(texts, cfg.data.context_length))
+    matching = model.itm_scores(batch[[i for i, _ in pairs]], ids[[t for _, t in pairs]]).view(len(images), -1)
+    expected = recall_of_scores(matching, matching.T, relevant)
+
+    metrics = evaluate_retrieval(model, images, annotations, cfg.data, 16, rerank_k=len(texts))
+    assert {key: metrics[f"itm/{key}"] for key in expected} == pytest.approx(expected)
+    contrastive = evaluate_retrieval(model, images, annotations, cfg.data, 16, rerank_k=1)
+    assert contrastive["itm/t2i_r5"] == pytest.approx(contrastive["t2i_r5"])  # one candidate: the same top 1, R@5 also
+
+
 def test_plot_samples_draws_at_most_16_images_with_their_text_and_boxes():
     images = np.full((20, 3, 32, 32), 128, dtype=np.uint8)
     lines = [[f"pred: caption {i}", "ref: a reference"] for i in range(20)]
@@ -167,7 +185,8 @@ def blip_checkpoint(folder, task: str, out):
     ("task", "names"),
     [
         ("caption", ["bleu4", "cider", "shuffled/cider"]),
-        ("retrieval", ["bleu4", "cider", "shuffled/cider"]),  # BLIP on retrieval rows: captioning of their captions
+        # BLIP on retrieval rows: captioning of their captions, Recall@K contrastive and re-ranked by the matching head
+        ("retrieval", ["bleu4", "cider", "shuffled/cider", "t2i_r1", "itm/t2i_r1", "itm/t2i_r1/listing"]),
         ("vqa", ["exact_match", "vqa_soft/count", "question_only/vqa_soft"]),
         ("grounding", ["acc_iou50", "miou", "centre_box/miou"]),
     ],

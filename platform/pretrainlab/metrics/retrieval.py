@@ -10,7 +10,7 @@ captions here. The text gallery is every distinct caption and hard-negative text
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -73,14 +73,31 @@ def retrieval_recall(
         relevant: bool ``I x T``. Texts relevant to no image (pure distractors) are not queries.
         ks: The K of each Recall@K.
     """
-    relevant = torch.as_tensor(relevant, dtype=torch.bool)
-    if relevant.shape != (len(image_embeddings), len(text_embeddings)):
+    if tuple(np.shape(relevant)) != (len(image_embeddings), len(text_embeddings)):
         raise ValueError(
-            f"relevant is {tuple(relevant.shape)}, not images x texts ({len(image_embeddings)}, {len(text_embeddings)})"
+            f"relevant is {tuple(np.shape(relevant))}, not images x texts "
+            f"({len(image_embeddings)}, {len(text_embeddings)})"
         )
     similarity = image_embeddings.float() @ text_embeddings.float().T
+    return recall_of_scores(similarity, similarity.T, relevant, ks)
+
+
+def recall_of_scores(
+    image_to_text: torch.Tensor,
+    text_to_image: torch.Tensor,
+    relevant: np.ndarray | torch.Tensor,
+    ks: Sequence[int] = RECALL_KS,
+) -> dict[str, float]:
+    """:func:`retrieval_recall` from scores: each image's for each text (``I x T``) and each text's for each image
+    (``T x I``); the two differ once each direction's candidates are re-ranked (:func:`rerank_top_k`)."""
+    relevant = torch.as_tensor(relevant, dtype=torch.bool)
+    if relevant.shape != image_to_text.shape or relevant.T.shape != text_to_image.shape:
+        raise ValueError(
+            f"relevant is {tuple(relevant.shape)}, not images x texts {tuple(image_to_text.shape)} "
+            f"(text scores {tuple(text_to_image.shape)})"
+        )
     metrics = {}
-    for name, scores, hits in (("i2t", similarity, relevant), ("t2i", similarity.T, relevant.T)):
+    for name, scores, hits in (("i2t", image_to_text, relevant), ("t2i", text_to_image, relevant.T)):
         queries = hits.any(dim=1)
         if not queries.any():
             raise ValueError(f"{name}: no query has a relevant item")
@@ -91,9 +108,36 @@ def retrieval_recall(
     return metrics
 
 
+def rerank_top_k(
+    scores: torch.Tensor,
+    k: int,
+    score_pairs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``scores`` (queries x items) with each query's ``k`` best items re-scored and ranked first.
+
+    Args:
+        scores: First-stage scores, e.g. contrastive similarity.
+        k: Candidates per query.
+        score_pairs: ``(query indices, item indices) -> scores`` of those pairs, e.g. a matching head's.
+        rows: bool per query; only these are re-ranked (e.g. texts that describe some image).
+
+    Returns:
+        New scores: a query's candidates above all its other items, ordered by ``score_pairs``; the
+        other items keep their order below them.
+    """
+    queries = torch.arange(len(scores)) if rows is None else torch.as_tensor(rows).nonzero().flatten()
+    candidates = scores[queries].topk(min(k, scores.shape[1]), dim=1).indices
+    query_index = queries.repeat_interleave(candidates.shape[1])
+    second = score_pairs(query_index, candidates.flatten()).float()
+    reranked = scores.float().clone()
+    floor = reranked.max() + 1.0  # every candidate above every first-stage score
+    reranked[query_index, candidates.flatten()] = floor + second - second.min()
+    return reranked
+
+
 def text_to_image_recall_by_group(
-    image_embeddings: torch.Tensor,
-    text_embeddings: torch.Tensor,
+    text_to_image: torch.Tensor,
     relevant: np.ndarray | torch.Tensor,
     groups: Sequence[str],
     ks: Sequence[int] = RECALL_KS,
@@ -102,15 +146,16 @@ def text_to_image_recall_by_group(
     group's number of queries (``t2i_queries/<group>``).
 
     Args:
-        image_embeddings, text_embeddings, relevant, ks: As for :func:`retrieval_recall`.
+        text_to_image: Each text's scores for each image (``T x I``).
+        relevant: bool ``I x T``, as for :func:`retrieval_recall`.
         groups: The group of each text (for example the kind of caption); groups without a query are left out.
+        ks: The K of each Recall@K.
     """
-    relevant = torch.as_tensor(relevant, dtype=torch.bool)
-    if len(groups) != len(text_embeddings):
-        raise ValueError(f"{len(groups)} groups for {len(text_embeddings)} texts")
-    scores, hits = text_embeddings.float() @ image_embeddings.float().T, relevant.T
+    if len(groups) != len(text_to_image):
+        raise ValueError(f"{len(groups)} groups for {len(text_to_image)} texts")
+    hits = torch.as_tensor(relevant, dtype=torch.bool).T
     queries = hits.any(dim=1)
-    rank = _best_relevant_rank(scores[queries], hits[queries])
+    rank = _best_relevant_rank(text_to_image[queries].float(), hits[queries])
     query_groups = np.asarray(groups, dtype=object)[queries.numpy()]
     metrics = {}
     for group in dict.fromkeys(query_groups):

@@ -52,6 +52,9 @@ class Params(StrategyParams):
     itm_weight: float = Field(1.0, ge=0, description="Weight of the image-text matching loss.")
     lm_weight: float = Field(1.0, ge=0, description="Weight of the decoder's language-modelling loss.")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Of the language-modelling loss.")
+    rerank_k: int = Field(
+        16, ge=0, description="Retrieval evaluation: candidates per query re-ranked by the matching head (0: none)."
+    )
 
 
 class BLIP(nn.Module):
@@ -201,7 +204,11 @@ class BLIP(nn.Module):
     @torch.no_grad()
     def itm_scores(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Probability that each text (token ids) matches its image (row by row)."""
-        image_tokens, _ = self.image_features(images)
+        return self.match_probability(self.image_features(images)[0], ids)
+
+    @torch.no_grad()
+    def match_probability(self, image_tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """:meth:`itm_scores` from image tokens (:meth:`image_features`), row by row."""
         return self.itm_head(self._end_states(self.decode(image_tokens, ids), ids)).softmax(dim=1)[:, 1]
 
     @torch.no_grad()

@@ -34,7 +34,7 @@ from pretrainlab.metrics.vqa import vqa_scores
 from pretrainlab.models.generation import Hypothesis
 from pretrainlab.train.checkpoint import CheckpointError
 from pretrainlab.train.evaluate import eval_batches
-from pretrainlab.train.image_text import evaluate_retrieval
+from pretrainlab.train.image_text import evaluate_retrieval, scenes_caption_kind
 
 Box = list[float]
 
@@ -285,8 +285,10 @@ def evaluate_generation_split(
     if task == "grounding":
         return evaluate_grounding(loaded.model, images, annotations, data_cfg, batch_size)[0]
     metrics = evaluate_captioning(loaded.model, images, annotations, data_cfg, batch_size)[0]
-    if task == "retrieval":  # the contrastive embeddings too: Recall@K both ways
-        metrics |= evaluate_retrieval(loaded.model, images, annotations, data_cfg, batch_size)
+    if task == "retrieval":  # Recall@K both ways: contrastive, and re-ranked by the matching head (itm/*)
+        text_group = scenes_caption_kind(data_folder or dataset_dir(loaded.config))
+        rerank_k = loaded.model.params.rerank_k
+        metrics |= evaluate_retrieval(loaded.model, images, annotations, data_cfg, batch_size, text_group, rerank_k)
     return metrics
 
 

@@ -22,7 +22,13 @@ from pretrainlab.data.scenes.language import caption_kind
 from pretrainlab.data.shards import load_manifest
 from pretrainlab.data.text import tokenize
 from pretrainlab.inference.loading import LoadedModel
-from pretrainlab.metrics.retrieval import retrieval_recall, text_gallery, text_to_image_recall_by_group
+from pretrainlab.metrics.retrieval import (
+    recall_of_scores,
+    rerank_top_k,
+    retrieval_recall,
+    text_gallery,
+    text_to_image_recall_by_group,
+)
 from pretrainlab.strategies.common import rank_and_world
 from pretrainlab.train.evaluate import eval_batches, gather_from_workers, gather_rows
 
@@ -110,6 +116,7 @@ def evaluate_retrieval(
     cfg: DataConfig,
     batch_size: int = 512,
     text_group: Callable[[str], str] | None = None,
+    rerank_k: int = 0,
 ) -> dict[str, float]:
     """Recall@K of ``model`` on one split, next to the shuffled-image baseline (``shuffled/*``).
 
@@ -125,6 +132,9 @@ def evaluate_retrieval(
         batch_size: Images or texts per forward pass.
         text_group: The group of a text (e.g. its kind of caption); with it, text->image Recall@K
             is also reported per group (``t2i_r<K>/<group>``, ``t2i_queries/<group>``).
+        rerank_k: With a model that has a matching head (``image_features`` and
+            ``match_probability``), each query's ``rerank_k`` best contrastive candidates are
+            re-ranked by it, both ways; those figures are reported under ``itm/``.
     """
     device = next(model.parameters()).device
     texts, relevant = text_gallery(annotations["captions"], annotations.get("negatives"), annotations.get("also_true"))
@@ -132,11 +142,56 @@ def evaluate_retrieval(
     text_embeddings = encode_texts(model, texts, cfg.context_length, batch_size, device)
     shuffled = torch.from_numpy(np.random.default_rng(0).permutation(len(images)))
     baseline = retrieval_recall(image_embeddings[shuffled], text_embeddings, relevant)
-    metrics = retrieval_recall(image_embeddings, text_embeddings, relevant)
-    if text_group is not None:
-        groups = [text_group(text) for text in texts]
-        metrics |= text_to_image_recall_by_group(image_embeddings, text_embeddings, relevant, groups)
+    similarity = image_embeddings @ text_embeddings.T
+    scores = {"": (similarity, similarity.T)}
+    if rerank_k:
+        scores["itm/"] = _matching_head_scores(model, images, texts, relevant, similarity, cfg, rerank_k, batch_size)
+    groups = None if text_group is None else [text_group(text) for text in texts]
+    metrics = {}
+    for prefix, (image_to_text, text_to_image) in scores.items():
+        found = recall_of_scores(image_to_text, text_to_image, relevant)
+        if groups is not None:
+            found |= text_to_image_recall_by_group(text_to_image, relevant, groups)
+        metrics |= {prefix + key: value for key, value in found.items()}
     return {**metrics, **{f"shuffled/{key}": value for key, value in baseline.items()}}
+
+
+@torch.no_grad()
+def _matching_head_scores(
+    model: nn.Module,
+    images: np.ndarray,
+    texts: list[str],
+    relevant: np.ndarray,
+    similarity: torch.Tensor,
+    cfg: DataConfig,
+    k: int,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image->text, text->image) scores with each query's ``k`` best contrastive candidates re-ranked by the
+    model's matching head (``match_probability`` of image tokens and text token ids)."""
+    device = next(model.parameters()).device
+    tokens = torch.cat([model.image_features(b)[0].cpu() for b in eval_batches(images, cfg, batch_size, device)])
+    ids = torch.from_numpy(tokenize(texts, cfg.context_length))
+
+    def match(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+        parts = [
+            model.match_probability(
+                tokens[image_index[i : i + batch_size]].to(device), ids[text_index[i : i + batch_size]].to(device)
+            ).cpu()
+            for i in range(0, len(image_index), batch_size)
+        ]
+        return torch.cat(parts)
+
+    image_to_text = rerank_top_k(similarity, k, match)
+    queries = torch.from_numpy(relevant.any(axis=0))  # texts that describe some image
+    text_to_image = rerank_top_k(similarity.T, k, lambda text, image: match(image, text), rows=queries)
+    return image_to_text, text_to_image
+
+
+def scenes_caption_kind(folder: str) -> Callable[[str], str] | None:
+    """:func:`~pretrainlab.data.scenes.language.caption_kind` for a dataset this scenes generator wrote, else None."""
+    generated_by = load_manifest(folder).get("metadata", {}).get("generator")
+    return caption_kind if generated_by == GENERATOR_VERSION else None
 
 
 def evaluate_retrieval_split(
@@ -146,6 +201,5 @@ def evaluate_retrieval_split(
     the scenes set, text->image Recall@K also per kind of caption (``t2i_r1/spatial_relation``, ...)."""
     folder = data_folder or dataset_dir(loaded.config)
     images, annotations = load_split_annotated(folder, split)
-    generated_by = load_manifest(folder).get("metadata", {}).get("generator")
-    text_group = caption_kind if generated_by == GENERATOR_VERSION else None
+    text_group = scenes_caption_kind(folder)
     return evaluate_retrieval(loaded.model, images, annotations, loaded.config.data, batch_size, text_group)

@@ -11,6 +11,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -186,11 +187,23 @@ def on_gloo_workers(function, *args, world: int = 2) -> list:
         return [results[rank] for rank in range(world)]
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_store(tmp_path_factory) -> Path:
+    """An MLflow sqlite store as MLflow creates it (its schema, the Default experiment), made once: creating one
+    runs every schema migration, which takes seconds; ``project`` copies this file instead."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def project(tmp_path, monkeypatch) -> Path:
-    """A fresh PRETRAINLAB_HOME with its own MLflow sqlite store; data, runs and artifacts land here."""
+def project(tmp_path, monkeypatch, empty_mlflow_store) -> Path:
+    """A fresh PRETRAINLAB_HOME with its own (empty) MLflow sqlite store; data, runs and artifacts land here."""
     home = tmp_path / "project"
     home.mkdir()
+    shutil.copyfile(empty_mlflow_store, home / "mlflow.db")
     monkeypatch.setenv("PRETRAINLAB_HOME", str(home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
     return home

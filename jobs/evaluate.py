@@ -1,8 +1,10 @@
 """Evaluate a checkpoint on a split of its dataset; log metrics (and a confusion matrix) to MLflow.
 
 Classification checkpoints: loss, top-1, top-5 and a confusion matrix. Image-text checkpoints:
-retrieval Recall@1/5/10 both ways and the shuffled-image baseline (``shuffled/*``). Generative
-(BLIP-style) checkpoints: captioning BLEU/CIDEr (``shuffled/*``), VQA accuracy (``question_only/*``)
+retrieval Recall@1/5/10 both ways and the shuffled-image baseline (``shuffled/*``); on the scenes
+set also text->image Recall@K per kind of caption (``t2i_r1/spatial_relation``, ...). Generative
+(BLIP-style) checkpoints: captioning BLEU/CIDEr (``shuffled/*``; on retrieval rows also Recall@K,
+contrastive and re-ranked by the matching head, ``itm/*``), VQA accuracy (``question_only/*``)
 or grounding accuracy and mean IoU (``centre_box/*``), by the dataset they were trained on, and a
 grid of test images with predictions and references (``evaluation/<split>/samples.png``).
 

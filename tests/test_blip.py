@@ -203,6 +203,20 @@ def test_decoder_overfits_captions_of_16_images(scenes):
     assert own < 0.5 * other, (own, other)
 
 
+def test_target_log_likelihood_sums_what_the_language_modelling_loss_averages(scenes):
+    torch.manual_seed(0)
+    cfg = tiny_config(scenes["vqa"], label_smoothing=0.0)
+    model = get_strategy("blip").build_model(cfg, 0, 3).eval()
+    batch = batch_of(cfg, scenes["vqa"], 6)
+    with torch.no_grad():
+        tokens = model.image_features(batch["image"])[0]
+        likelihood = model.target_log_likelihood(tokens, batch["sequence"], batch["target_mask"])
+        loss = model.lm_loss(batch)
+    assert likelihood.shape == (6,) and (likelihood < 0).all()
+    taught = batch["target_mask"][:, 1:].sum()
+    assert -likelihood.sum().item() / taught.item() == pytest.approx(loss.item(), rel=1e-5)
+
+
 def attach_info(model, cfg, task: str):
     model.info = ModelInfo(
         name="blip-test", task=task, class_names=[], config=cfg, in_chans=3, image_size=(64, 64), source="test"

@@ -11,9 +11,10 @@ from mlflow import MlflowClient
 
 from pretrainlab.analysis.multimodal_samples import plot_samples
 from pretrainlab.config import validate
+from pretrainlab.data.catalog import dataset_info
 from pretrainlab.data.dataset import load_split_annotated
 from pretrainlab.data.scenes import write_scenes
-from pretrainlab.data.text import FIRST_LOCATION_ID, VQA_PROMPT, bpe_ids, detokenize, tokenize
+from pretrainlab.data.text import FIRST_LOCATION_ID, VQA_PROMPT, bpe_ids, detokenize, prompted_sequences, tokenize
 from pretrainlab.metrics.captioning import caption_scores
 from pretrainlab.metrics.retrieval import recall_of_scores, text_gallery
 from pretrainlab.models.generation import Hypothesis
@@ -27,6 +28,7 @@ from pretrainlab.train.generation_eval import (
     evaluate_vqa,
     generate_best,
     hypothesis_box,
+    most_likely_answers,
 )
 from pretrainlab.train.image_text import evaluate_retrieval
 
@@ -112,6 +114,31 @@ def test_vqa_answers_every_question_and_the_baseline_sees_a_blank_image(scenes):
     assert metrics["exact_match"] < 100.0  # this seed's model answers some questions differently about real images
 
 
+def test_ranked_answers_are_the_most_likely_of_the_vocabulary_for_their_own_image(scenes):
+    cfg, model = tiny_blip(scenes["vqa"])
+    images, annotations = load_split_annotated(scenes["vqa"], "test")
+    owners = [i for i, row in enumerate(annotations["questions"]) for _ in row]
+    prompts = bpe_ids([VQA_PROMPT.format(q["question"]) for row in annotations["questions"] for q in row])
+    vocabulary = ["yes", "no", "red", "2", "large circle"]
+    # batches of 3 images and 3 questions: questions of one image cross batch boundaries
+    ranked = most_likely_answers(model, images, owners, prompts, vocabulary, cfg.data, batch_size=3)
+    blank = most_likely_answers(model, images, owners, prompts, vocabulary, cfg.data, batch_size=3, blank=True)
+
+    inputs = torch.cat(list(eval_batches(images, cfg.data)))
+    for image, answers_of in ((inputs, ranked), (torch.zeros_like(inputs), blank)):
+        with torch.no_grad():
+            tokens = model.image_features(image)[0]
+        for question, (owner, prompt) in enumerate(zip(owners, prompts, strict=True)):
+            ids, mask = prompted_sequences([prompt] * len(vocabulary), bpe_ids(vocabulary), 48)
+            scores = [
+                model.target_log_likelihood(
+                    tokens[owner : owner + 1], torch.from_numpy(ids[a : a + 1]), torch.from_numpy(mask[a : a + 1])
+                ).item()
+                for a in range(len(vocabulary))
+            ]
+            assert answers_of[question] == vocabulary[int(np.argmax(scores))]
+
+
 def test_centre_box_by_hand():
     # widths 10 and 20 -> 15, heights 20 and 20 -> 20, centred in 64 x 64
     assert centre_box([[0, 0, 10, 20], [10, 10, 30, 30]], 64, 64) == [24.5, 22.0, 39.5, 42.0]
@@ -177,7 +204,7 @@ def test_plot_samples_draws_at_most_16_images_with_their_text_and_boxes():
 
 def blip_checkpoint(folder, task: str, out):
     cfg, model = tiny_blip(folder)
-    info = {"class_names": [], "num_classes": 0, "in_chans": 3, "task": task}
+    info = dataset_info(str(folder))  # VQA: the answer vocabulary as class names
     return save_checkpoint(out / task / "checkpoint", model.state_dict(), checkpoint_meta(cfg, info, 1, 2, {}, None))
 
 
@@ -187,7 +214,7 @@ def blip_checkpoint(folder, task: str, out):
         ("caption", ["bleu4", "cider", "shuffled/cider"]),
         # BLIP on retrieval rows: captioning of their captions, Recall@K contrastive and re-ranked by the matching head
         ("retrieval", ["bleu4", "cider", "shuffled/cider", "t2i_r1", "itm/t2i_r1", "itm/t2i_r1/listing"]),
-        ("vqa", ["exact_match", "vqa_soft/count", "question_only/vqa_soft"]),
+        ("vqa", ["exact_match", "question_only/vqa_soft", "ranked/vqa_soft/count", "question_only/ranked/vqa_soft"]),
         ("grounding", ["acc_iou50", "miou", "centre_box/miou"]),
     ],
 )

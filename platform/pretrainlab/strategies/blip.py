@@ -52,6 +52,10 @@ class Params(StrategyParams):
     itm_weight: float = Field(1.0, ge=0, description="Weight of the image-text matching loss.")
     lm_weight: float = Field(1.0, ge=0, description="Weight of the decoder's language-modelling loss.")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Of the language-modelling loss.")
+    rank_answers: bool = Field(
+        True,
+        description="VQA evaluation: also pick each answer from the dataset's answer vocabulary by likelihood.",
+    )
     rerank_k: int = Field(
         16, ge=0, description="Retrieval evaluation: candidates per query re-ranked by the matching head (0: none)."
     )
@@ -210,6 +214,18 @@ class BLIP(nn.Module):
     def match_probability(self, image_tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """:meth:`itm_scores` from image tokens (:meth:`image_features`), row by row."""
         return self.itm_head(self._end_states(self.decode(image_tokens, ids), ids)).softmax(dim=1)[:, 1]
+
+    @torch.no_grad()
+    def target_log_likelihood(
+        self, image_tokens: torch.Tensor, ids: torch.Tensor, target_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Per row, the decoder's log-probability of the target tokens of ``ids`` (where ``target_mask``, as
+        :func:`~pretrainlab.data.text.prompted_sequences` marks them), each given the tokens before it."""
+        taught = target_mask[:, 1:]
+        logits = self.token_logits(self.decode(image_tokens, ids)[:, :-1][taught]).float()
+        picked = logits.log_softmax(dim=1).gather(1, ids[:, 1:][taught][:, None]).squeeze(1)
+        rows = torch.arange(len(ids), device=ids.device)[:, None].expand_as(taught)[taught]
+        return torch.zeros(len(ids), device=ids.device).index_add_(0, rows, picked)
 
     @torch.no_grad()
     def generate(

@@ -26,7 +26,7 @@ from pretrainlab.config import DataConfig
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.dataset import load_split_annotated
 from pretrainlab.data.errors import DatasetError
-from pretrainlab.data.text import GROUNDING_PROMPT, VQA_PROMPT, bpe_ids, detokenize, tokens_to_box
+from pretrainlab.data.text import GROUNDING_PROMPT, VQA_PROMPT, bpe_ids, detokenize, prompted_sequences, tokens_to_box
 from pretrainlab.inference.loading import LoadedModel
 from pretrainlab.metrics.captioning import caption_scores
 from pretrainlab.metrics.grounding import grounding_scores
@@ -82,6 +82,54 @@ def generate_best(
             found = model.generate(batch[rows], list(prompts[lo : lo + len(rows)]), **generate_kwargs)
             best += [hypotheses[0] for hypotheses in found]
     return best
+
+
+@torch.no_grad()
+def most_likely_answers(
+    model: nn.Module,
+    images: np.ndarray,
+    owners: Sequence[int],
+    prompts: Sequence[list[int]],
+    vocabulary: Sequence[str],
+    data_cfg: DataConfig,
+    batch_size: int = 64,
+    blank: bool = False,
+) -> list[str]:
+    """For each sample (prompt ids ``prompts[i]``, without the start token, about image ``owners[i]``), the text of
+    ``vocabulary`` the decoder gives the highest likelihood after the prompt: closed-vocabulary VQA, as BLIP ranks
+    its answer list. ``blank``: every sample is about a blank image instead (the question-only baseline)."""
+    if not vocabulary:
+        raise ValueError("no answer vocabulary to rank")
+    device = _device(model)
+    answers = bpe_ids(list(vocabulary))
+
+    def pick(tokens: torch.Tensor, rows: torch.Tensor, chunk: Sequence[list[int]]) -> list[int]:
+        questions = [prompt for prompt in chunk for _ in answers]
+        ids, mask = prompted_sequences(questions, answers * len(chunk), model.context_length)
+        likelihood = model.target_log_likelihood(
+            tokens[rows].repeat_interleave(len(answers), dim=0),
+            torch.from_numpy(ids).to(device),
+            torch.from_numpy(mask).to(device),
+        )
+        return likelihood.view(len(chunk), len(answers)).argmax(dim=1).tolist()
+
+    chosen: list[int] = []
+    if blank:
+        tokens = model.image_features(_blank_image(images, data_cfg, device))[0]
+        for lo in range(0, len(prompts), batch_size):
+            chunk = prompts[lo : lo + batch_size]
+            chosen += pick(tokens, torch.zeros(len(chunk), dtype=torch.long, device=device), chunk)
+        return [vocabulary[i] for i in chosen]
+    owners = np.asarray(owners, dtype=np.int64)
+    for start, batch in zip(
+        range(0, len(images), batch_size), eval_batches(images, data_cfg, batch_size, device), strict=True
+    ):
+        tokens = model.image_features(batch)[0]
+        first, stop = np.searchsorted(owners, [start, start + len(batch)])
+        for lo in range(first, stop, batch_size):
+            rows = torch.from_numpy(owners[lo : min(stop, lo + batch_size)] - start).to(device)
+            chosen += pick(tokens, rows, prompts[lo : lo + len(rows)])
+    return [vocabulary[i] for i in chosen]
 
 
 def _blank_image(images: np.ndarray, data_cfg: DataConfig, device: torch.device) -> torch.Tensor:
@@ -194,6 +242,7 @@ def evaluate_vqa(
     num_beams: int = 1,
     max_new_tokens: int = 5,
     length_penalty: float = 1.0,
+    vocabulary: Sequence[str] | None = None,
 ) -> tuple[dict[str, float], list[str]]:
     """Exact match and VQAv2 accuracy (overall and per question type) of one generated answer per question,
     next to the ``question_only/*`` baseline (the same questions about a blank image).
@@ -205,9 +254,11 @@ def evaluate_vqa(
         data_cfg: The model's data section.
         batch_size: Images per pipeline batch and questions per generation batch.
         num_beams, max_new_tokens, length_penalty: Search settings (default greedy).
+        vocabulary: The dataset's answers; with it, the same metrics also for the most likely answer of the
+            vocabulary (``ranked/*``, ``question_only/ranked/*``; :func:`most_likely_answers`).
 
     Returns:
-        (metrics, the predicted answer of each question, in image then question order).
+        (metrics, the generated answer of each question, in image then question order).
     """
     owners, prompts, questions = _vqa_samples(annotations, model.start_id)
     kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "length_penalty": length_penalty}
@@ -218,7 +269,15 @@ def evaluate_vqa(
     answers = [q["answers"] for q in questions]
     types = [q["question_type"] for q in questions]
     metrics = vqa_scores(predictions, answers, types)
-    return {**metrics, **_prefixed("question_only", vqa_scores(question_only, answers, types))}, predictions
+    metrics |= _prefixed("question_only", vqa_scores(question_only, answers, types))
+    if vocabulary is not None:
+        unprompted = [prompt[1:] for prompt in prompts]  # without the start token
+        for prefix, blank_image in (("ranked", False), ("question_only/ranked", True)):
+            ranked = most_likely_answers(
+                model, images, owners, unprompted, vocabulary, data_cfg, batch_size, blank=blank_image
+            )
+            metrics |= _prefixed(prefix, vqa_scores(ranked, answers, types))
+    return metrics, predictions
 
 
 def evaluate_grounding(
@@ -281,7 +340,8 @@ def evaluate_generation_split(
     task, images, annotations = _split_of(loaded, split, data_folder)
     data_cfg = loaded.config.data
     if task == "vqa":
-        return evaluate_vqa(loaded.model, images, annotations, data_cfg, batch_size)[0]
+        vocabulary = loaded.class_names if loaded.model.params.rank_answers and loaded.class_names else None
+        return evaluate_vqa(loaded.model, images, annotations, data_cfg, batch_size, vocabulary=vocabulary)[0]
     if task == "grounding":
         return evaluate_grounding(loaded.model, images, annotations, data_cfg, batch_size)[0]
     metrics = evaluate_captioning(loaded.model, images, annotations, data_cfg, batch_size)[0]

@@ -8,6 +8,8 @@ that the model should beat by a wide margin:
   (a fixed permutation, seed 0);
 - VQA, ``question_only/*``: the same model answering every question about a blank image (an
   all-zero normalised input: every pixel the colour ``data.mean``), so only the question informs it;
+  answers are generated, and also picked from the answer vocabulary by likelihood (``ranked/*``,
+  baseline ``question_only/ranked/*``);
 - grounding, ``centre_box/*``: for every expression, a box centred in the image whose width and
   height are the means over the evaluated samples' target boxes (:func:`centre_box`).
 """

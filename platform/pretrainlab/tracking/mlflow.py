@@ -29,7 +29,6 @@ from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.proto_json_utils import message_to_json
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 
-from pretrainlab.analysis import confusion_matrix
 from pretrainlab.paths import project_home
 from pretrainlab.tracking.outbox import DEFAULT_MAX_RECORDS, Outbox, outbox_path
 
@@ -316,6 +315,8 @@ def register_checkpoint(
 
 def log_evaluation(client: MlflowClient, run_id: str, evaluation: Evaluation, step: int | None = None) -> None:
     """Log ``{split}/{metric}`` values and the confusion matrix (PNG + CSV) of an evaluation to a run."""
+    from pretrainlab.analysis import confusion_matrix  # deferred: sklearn and pyplot, ~1 s of every worker's start
+
     prefix = evaluation.split
     MetricLogger(client, run_id).log({f"{prefix}/{k}": v for k, v in evaluation.metrics.items()}, step or 0)
     matrix = confusion_matrix.compute(evaluation.labels, evaluation.preds, len(evaluation.class_names))

@@ -116,12 +116,14 @@ def most_likely_answers(
         return likelihood.view(len(chunk), len(answers)).argmax(dim=1).tolist()
 
     chosen: list[int] = []
-    if blank:
+    if blank:  # the same question about the blank image has one answer: rank each distinct prompt once
         tokens = model.image_features(_blank_image(images, data_cfg, device))[0]
-        for lo in range(0, len(prompts), batch_size):
-            chunk = prompts[lo : lo + batch_size]
+        distinct = list(dict.fromkeys(tuple(p) for p in prompts))
+        for lo in range(0, len(distinct), batch_size):
+            chunk = [list(p) for p in distinct[lo : lo + batch_size]]
             chosen += pick(tokens, torch.zeros(len(chunk), dtype=torch.long, device=device), chunk)
-        return [vocabulary[i] for i in chosen]
+        best = dict(zip(distinct, chosen, strict=True))
+        return [vocabulary[best[tuple(p)]] for p in prompts]
     owners = np.asarray(owners, dtype=np.int64)
     for start, batch in zip(
         range(0, len(images), batch_size), eval_batches(images, data_cfg, batch_size, device), strict=True

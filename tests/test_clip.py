@@ -29,7 +29,6 @@ from pretrainlab.metrics.retrieval import (
     rerank_top_k,
     retrieval_recall,
     text_gallery,
-    text_to_image_recall_by_group,
 )
 from pretrainlab.strategies import clip, get_strategy
 from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
@@ -145,8 +144,8 @@ def test_recall_by_group_ranks_each_query_text_within_its_group():
     images = torch.eye(3)
     texts = torch.tensor([[0.9, 1.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
     relevant = np.array([[True, False, False, False], [False, True, False, False], [False, False, True, False]])
-    m = text_to_image_recall_by_group(texts @ images.T, relevant, ["a", "b", "a", "b"], ks=(1, 2))
-    assert m == {
+    m = recall_of_scores(images @ texts.T, texts @ images.T, relevant, ks=(1, 2), text_groups=["a", "b", "a", "b"])
+    assert {key: value for key, value in m.items() if "/" in key} == {
         "t2i_r1/a": 50.0,
         "t2i_r2/a": 100.0,
         "t2i_queries/a": 2.0,
@@ -155,7 +154,7 @@ def test_recall_by_group_ranks_each_query_text_within_its_group():
         "t2i_queries/b": 1.0,
     }
     with pytest.raises(ValueError, match="3 groups for 4 texts"):
-        text_to_image_recall_by_group(texts @ images.T, relevant, ["a", "b", "a"])
+        recall_of_scores(images @ texts.T, texts @ images.T, relevant, text_groups=["a", "b", "a"])
 
 
 def test_rerank_top_k_orders_each_querys_candidates_by_the_second_score_above_the_rest():

@@ -87,24 +87,39 @@ def recall_of_scores(
     text_to_image: torch.Tensor,
     relevant: np.ndarray | torch.Tensor,
     ks: Sequence[int] = RECALL_KS,
+    text_groups: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """:func:`retrieval_recall` from scores: each image's for each text (``I x T``) and each text's for each image
-    (``T x I``); the two differ once each direction's candidates are re-ranked (:func:`rerank_top_k`)."""
+    (``T x I``); the two differ once each direction's candidates are re-ranked (:func:`rerank_top_k`).
+
+    ``text_groups``: the group of each text (for example its kind of caption); with it, text->image Recall@K
+    also within each group of query texts (``t2i_r<K>/<group>``) and each group's number of queries
+    (``t2i_queries/<group>``); groups without a query are left out.
+    """
     relevant = torch.as_tensor(relevant, dtype=torch.bool)
     if relevant.shape != image_to_text.shape or relevant.T.shape != text_to_image.shape:
         raise ValueError(
             f"relevant is {tuple(relevant.shape)}, not images x texts {tuple(image_to_text.shape)} "
             f"(text scores {tuple(text_to_image.shape)})"
         )
-    metrics = {}
+    if text_groups is not None and len(text_groups) != len(text_to_image):
+        raise ValueError(f"{len(text_groups)} groups for {len(text_to_image)} texts")
+    metrics, ranks = {}, {}
     for name, scores, hits in (("i2t", image_to_text, relevant), ("t2i", text_to_image, relevant.T)):
         queries = hits.any(dim=1)
         if not queries.any():
             raise ValueError(f"{name}: no query has a relevant item")
-        rank = _best_relevant_rank(scores[queries], hits[queries])
+        ranks[name] = (queries, _best_relevant_rank(scores[queries].float(), hits[queries]))
         for k in ks:
-            metrics[f"{name}_r{k}"] = 100.0 * (rank < k).float().mean().item()
+            metrics[f"{name}_r{k}"] = 100.0 * (ranks[name][1] < k).float().mean().item()
     metrics["rsum"] = sum(metrics.values())
+    if text_groups is not None:
+        queries, rank = ranks["t2i"]
+        query_groups = np.asarray(text_groups, dtype=object)[queries.numpy()]
+        for group in dict.fromkeys(query_groups):
+            group_ranks = rank[torch.from_numpy(query_groups == group)]
+            metrics |= {f"t2i_r{k}/{group}": 100.0 * (group_ranks < k).float().mean().item() for k in ks}
+            metrics[f"t2i_queries/{group}"] = float(len(group_ranks))
     return metrics
 
 
@@ -134,35 +149,6 @@ def rerank_top_k(
     floor = reranked.max() + 1.0  # every candidate above every first-stage score
     reranked[query_index, candidates.flatten()] = floor + second - second.min()
     return reranked
-
-
-def text_to_image_recall_by_group(
-    text_to_image: torch.Tensor,
-    relevant: np.ndarray | torch.Tensor,
-    groups: Sequence[str],
-    ks: Sequence[int] = RECALL_KS,
-) -> dict[str, float]:
-    """Text->image Recall@K in percent within each group of query texts (``t2i_r<K>/<group>``), and each
-    group's number of queries (``t2i_queries/<group>``).
-
-    Args:
-        text_to_image: Each text's scores for each image (``T x I``).
-        relevant: bool ``I x T``, as for :func:`retrieval_recall`.
-        groups: The group of each text (for example the kind of caption); groups without a query are left out.
-        ks: The K of each Recall@K.
-    """
-    if len(groups) != len(text_to_image):
-        raise ValueError(f"{len(groups)} groups for {len(text_to_image)} texts")
-    hits = torch.as_tensor(relevant, dtype=torch.bool).T
-    queries = hits.any(dim=1)
-    rank = _best_relevant_rank(text_to_image[queries].float(), hits[queries])
-    query_groups = np.asarray(groups, dtype=object)[queries.numpy()]
-    metrics = {}
-    for group in dict.fromkeys(query_groups):
-        ranks = rank[torch.from_numpy(query_groups == group)]
-        metrics |= {f"t2i_r{k}/{group}": 100.0 * (ranks < k).float().mean().item() for k in ks}
-        metrics[f"t2i_queries/{group}"] = float(len(ranks))
-    return metrics
 
 
 def _best_relevant_rank(scores: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:

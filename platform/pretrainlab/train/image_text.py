@@ -27,7 +27,6 @@ from pretrainlab.metrics.retrieval import (
     rerank_top_k,
     retrieval_recall,
     text_gallery,
-    text_to_image_recall_by_group,
 )
 from pretrainlab.strategies.common import rank_and_world
 from pretrainlab.train.evaluate import eval_batches, gather_from_workers, gather_rows
@@ -149,9 +148,7 @@ def evaluate_retrieval(
     groups = None if text_group is None else [text_group(text) for text in texts]
     metrics = {}
     for prefix, (image_to_text, text_to_image) in scores.items():
-        found = recall_of_scores(image_to_text, text_to_image, relevant)
-        if groups is not None:
-            found |= text_to_image_recall_by_group(text_to_image, relevant, groups)
+        found = recall_of_scores(image_to_text, text_to_image, relevant, text_groups=groups)
         metrics |= {prefix + key: value for key, value in found.items()}
     return {**metrics, **{f"shuffled/{key}": value for key, value in baseline.items()}}
 

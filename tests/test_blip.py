@@ -210,10 +210,10 @@ def test_target_log_likelihood_sums_what_the_language_modelling_loss_averages(sc
     batch = batch_of(cfg, scenes["vqa"], 6)
     with torch.no_grad():
         tokens = model.image_features(batch["image"])[0]
-        likelihood = model.target_log_likelihood(tokens, batch["sequence"], batch["target_mask"])
+        likelihood = model.target_log_likelihood(tokens, batch["sequence"][:, 0], batch["target_mask"][:, 0])
         loss = model.lm_loss(batch)
     assert likelihood.shape == (6,) and (likelihood < 0).all()
-    taught = batch["target_mask"][:, 1:].sum()
+    taught = batch["target_mask"][:, 0, 1:].sum()
     assert -likelihood.sum().item() / taught.item() == pytest.approx(loss.item(), rel=1e-5)
 
 
@@ -268,8 +268,73 @@ def test_vqa_rows_become_question_prompts_with_the_answer_taught(scenes):
     out = Preprocessor(cfg.data, train=False)(rows)
     first = rows["questions"][0][0]
     prompt = bpe_ids([f"question: {first['question']} answer:"])[0]
-    assert out["sequence"][0, 1 : 1 + len(prompt)].tolist() == prompt
-    assert detokenize(out["sequence"][0][out["target_mask"][0]], 48) == first["answers"][0]
+    assert out["sequence"].shape == (4, 1, 48)
+    assert out["sequence"][0, 0, 1 : 1 + len(prompt)].tolist() == prompt
+    assert detokenize(out["sequence"][0, 0][out["target_mask"][0, 0]], 48) == first["answers"][0]
+
+
+def prompt_and_target(ids: np.ndarray, mask: np.ndarray) -> tuple[str, list[int]]:
+    """The prompt text of one decoder sequence and its taught token ids (end token excluded)."""
+    taught = ids[mask].tolist()[:-1]
+    return detokenize(ids[~mask], 48), taught
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_several_questions_per_image_are_distinct_and_slots_past_the_last_stay_empty(scenes, train):
+    cfg = tiny_config(scenes["vqa"])
+    cfg.data.texts_per_image = 3
+    rows = rows_of(scenes["vqa"], 4)
+    out = Preprocessor(cfg.data, train=train, seed=1)(rows)
+    assert out["sequence"].shape == (4, 3, 48)
+    for image, questions in enumerate(rows["questions"]):
+        expected = {f"question: {q['question']} answer:": q["answers"][0] for q in questions}
+        taught = [
+            prompt_and_target(*slot) for slot in zip(out["sequence"][image], out["target_mask"][image], strict=True)
+        ]
+        prompts = [prompt for prompt, _ in taught]
+        assert len(set(prompts)) == 3 and set(prompts) <= set(expected)
+        assert all(detokenize(np.array(t), 48) == expected[p] for p, t in taught)
+        if not train:
+            assert prompts == list(expected)[:3]
+    cfg.data.texts_per_image = 20  # more than any image has
+    out = Preprocessor(cfg.data, train=train, seed=1)(rows)
+    filled = (out["sequence"][:, :, 0] != 0).sum(axis=1)
+    assert filled.tolist() == [len(questions) for questions in rows["questions"]]
+    assert not out["target_mask"][out["sequence"][:, :, 0] == 0].any()
+
+
+def test_several_objects_per_image_teach_each_ones_box(scenes):
+    cfg = tiny_config(scenes["grounding"])
+    cfg.data.texts_per_image = 20
+    rows = rows_of(scenes["grounding"], 4)
+    out = Preprocessor(cfg.data, train=True, seed=2)(rows)
+    for image, refs in enumerate(rows["refs"]):
+        slots = [s for s in zip(out["sequence"][image], out["target_mask"][image], strict=True) if s[0][0] != 0]
+        boxes = sorted(prompt_and_target(*slot)[1] for slot in slots)
+        assert boxes == sorted(box_to_tokens(ref["box"], 64, 64) for ref in refs)
+
+
+def test_a_batch_of_several_questions_per_image_equals_one_row_per_question(scenes):
+    """The image of every filled slot is the right one: the loss of N images x 4 slots equals the loss of
+    one row per filled slot, each with its image repeated."""
+    torch.manual_seed(0)
+    cfg = tiny_config(scenes["vqa"], label_smoothing=0.0)
+    cfg.data.texts_per_image = 4
+    model = get_strategy("blip").build_model(cfg, 0, 3).eval()
+    batch = batch_of(cfg, scenes["vqa"], 5)
+    batch["sequence"][1, 2:] = 0  # an image with two questions only
+    batch["target_mask"][1, 2:] = False
+    filled = batch["sequence"][:, :, 0] != 0
+    owners = torch.arange(5).repeat_interleave(4)[filled.flatten()]
+    one_per_row = {
+        "image": batch["image"][owners],
+        "sequence": batch["sequence"][filled][:, None],
+        "target_mask": batch["target_mask"][filled][:, None],
+    }
+    with torch.no_grad():
+        assert model.lm_loss(batch).item() == pytest.approx(model.lm_loss(one_per_row).item(), rel=1e-5)
+        assert model(batch)["loss"].item() == pytest.approx(model.lm_loss(batch).item(), rel=1e-5)
+    assert len(owners) == 18
 
 
 IMAGE_TEXT_CONFIGS = sorted(p.name for p in CONFIGS.glob("*_scenes*.yaml"))

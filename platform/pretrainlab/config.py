@@ -126,6 +126,12 @@ class DataConfig(_Section):
     context_length: int = Field(
         48, ge=3, description="Token ids per text (CLIP BPE; start and end tokens included, longer texts cut)."
     )
+    texts_per_image: int = Field(
+        1,
+        ge=1,
+        description="VQA and grounding rows: how many of an image's questions / objects a row teaches (drawn "
+        "without replacement, fewer when it has fewer); the image is encoded once for all of them.",
+    )
     augment_on: Literal["worker", "ray_data"] = Field(
         "worker", description="Decode + augment in the training worker, or in Ray Data map_batches tasks."
     )

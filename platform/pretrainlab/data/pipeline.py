@@ -36,7 +36,7 @@ class Preprocessor:
     Output columns: ``label`` (int64, -1 when unlabelled; classification rows only), the token
     columns of image-text rows (``text``, ``negative_text``, ``sequence``, ``target_mask``: see
     :func:`pretrainlab.data.text.text_columns`; drawn at random when ``train``, else the first
-    caption / question / object of each row) and either ``image`` (uint8
+    caption / questions / objects of each row) and either ``image`` (uint8
     N x C x H x W) or, with several views, ``view0``, ``view1``, ...; plus ``mask``
     (bool N x h x w patches) when ``data.mask`` is set and ``train`` is true. With
     ``data.repeated_augmentation`` R > 1, a training batch of N rows becomes N // R of them,
@@ -59,7 +59,9 @@ class Preprocessor:
             if labels.dtype == object:  # nullable column with missing labels
                 labels = np.array([UNLABELLED if v is None else v for v in labels])
             out["label"] = labels.astype(np.int64)
-        out.update(text_columns(batch, self.cfg.context_length, self.rng if self.train else None))
+        out.update(
+            text_columns(batch, self.cfg.context_length, self.rng if self.train else None, self.cfg.texts_per_image)
+        )
         views = [pipeline(images).numpy() for pipeline in self.views]
         if len(views) == 1:
             out["image"] = views[0]

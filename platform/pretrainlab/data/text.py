@@ -114,7 +114,9 @@ def prompted_sequences(
     return ids, mask
 
 
-def text_columns(batch: dict[str, np.ndarray], context_length: int, rng: np.random.Generator | None) -> dict:
+def text_columns(
+    batch: dict[str, np.ndarray], context_length: int, rng: np.random.Generator | None, texts_per_image: int = 1
+) -> dict:
     """The token columns of a batch of image-text rows, by which annotations the rows carry.
 
     - ``captions`` (caption and retrieval rows): ``text``, one caption per row; with ``negatives``
@@ -122,18 +124,26 @@ def text_columns(batch: dict[str, np.ndarray], context_length: int, rng: np.rand
       negative). Scenes rows list one negative per caption that has a false variant, in caption order, so
       it is made from that caption or, after a caption without one, from a later caption of the image.
     - ``questions`` (VQA rows): ``sequence`` = ``question: Q answer: A`` and ``target_mask`` on ``A``,
-      one question per row with its most common answer.
+      per question with its most common answer.
     - ``refs`` (grounding rows): ``sequence`` = ``EXPRESSION box:`` then the box's four location tokens
-      (see :func:`box_to_tokens`), and ``target_mask`` on them; one object and expression per row.
+      (see :func:`box_to_tokens`), and ``target_mask`` on them; per object, one of its expressions.
+
+    ``sequence`` and ``target_mask`` are ``N x texts_per_image x context_length``: that many of each
+    image's questions / objects, all zeros in the slots of an image that has fewer.
 
     Args:
         batch: Shard rows as numpy columns (with ``width`` and ``height`` for grounding rows).
         context_length: Tokens per sequence.
-        rng: Draws which caption / question / object / expression; None takes the first of each.
+        rng: Draws which caption / questions / objects / expressions; None takes the first ones.
+        texts_per_image: Questions or objects per image (VQA and grounding rows).
     """
 
     def pick(items: Sequence) -> int:
         return 0 if rng is None else int(rng.integers(len(items)))
+
+    def some(items: Sequence) -> list:
+        count = min(texts_per_image, len(items))
+        return list(items[:count]) if rng is None else [items[i] for i in rng.permutation(len(items))[:count]]
 
     out = {}
     if "captions" in batch:
@@ -144,16 +154,31 @@ def text_columns(batch: dict[str, np.ndarray], context_length: int, rng: np.rand
             out["negative_text"] = tokenize(negatives, context_length)
             out["negative_text"][[not text for text in negatives]] = 0
     if "questions" in batch:
-        questions = [qs[pick(qs)] for qs in batch["questions"]]
-        prompts = bpe_ids([VQA_PROMPT.format(q["question"]) for q in questions])
-        answers = bpe_ids([Counter(q["answers"]).most_common(1)[0][0] for q in questions])
-        out["sequence"], out["target_mask"] = prompted_sequences(prompts, answers, context_length)
+        questions = [some(qs) for qs in batch["questions"]]
+        prompts = [bpe_ids([VQA_PROMPT.format(q["question"]) for q in qs]) for qs in questions]
+        answers = [bpe_ids([Counter(q["answers"]).most_common(1)[0][0] for q in qs]) for qs in questions]
+        out["sequence"], out["target_mask"] = _per_image_sequences(prompts, answers, texts_per_image, context_length)
     if "refs" in batch:
-        refs = [refs[pick(refs)] for refs in batch["refs"]]
-        prompts = bpe_ids([GROUNDING_PROMPT.format(ref["expressions"][pick(ref["expressions"])]) for ref in refs])
-        boxes = [
-            box_to_tokens(ref["box"], width, height)
-            for ref, width, height in zip(refs, batch["width"], batch["height"], strict=True)
+        refs = [some(refs) for refs in batch["refs"]]
+        prompts = [
+            bpe_ids([GROUNDING_PROMPT.format(ref["expressions"][pick(ref["expressions"])]) for ref in image_refs])
+            for image_refs in refs
         ]
-        out["sequence"], out["target_mask"] = prompted_sequences(prompts, boxes, context_length)
+        boxes = [
+            [box_to_tokens(ref["box"], width, height) for ref in image_refs]
+            for image_refs, width, height in zip(refs, batch["width"], batch["height"], strict=True)
+        ]
+        out["sequence"], out["target_mask"] = _per_image_sequences(prompts, boxes, texts_per_image, context_length)
     return out
+
+
+def _per_image_sequences(
+    prompts: Sequence[list[list[int]]], targets: Sequence[list[list[int]]], slots: int, context_length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`prompted_sequences` of each image's prompts and targets, ``N x slots x context_length``."""
+    ids = np.zeros((len(prompts), slots, context_length), dtype=np.int64)
+    mask = np.zeros((len(prompts), slots, context_length), dtype=bool)
+    for image, (image_prompts, image_targets) in enumerate(zip(prompts, targets, strict=True)):
+        count = len(image_prompts)
+        ids[image, :count], mask[image, :count] = prompted_sequences(image_prompts, image_targets, context_length)
+    return ids, mask

@@ -11,8 +11,9 @@ Losses, by what the rows carry (see :func:`pretrainlab.data.text.text_columns`):
   image-text matching (the decoder's state at the end token, a 2-way head) on the true pairs, on
   hard negatives drawn from the batch by contrastive similarity (BLIP) and on the dataset's own
   hard-negative captions, and language modelling of the caption (captioning);
-- VQA and grounding rows: language modelling of the answer, or of the box's four location tokens
-  (Pix2Seq: boxes as tokens of the same decoder, so one model and one loss serve every task).
+- VQA and grounding rows: language modelling of the answers, or of the boxes' four location tokens
+  (Pix2Seq: boxes as tokens of the same decoder, so one model and one loss serve every task), of
+  ``data.texts_per_image`` questions / objects per image, the image encoded once for them.
 
 The decoder's output layer is the token embedding, transposed (tied weights).
 """
@@ -184,9 +185,18 @@ class BLIP(nn.Module):
         image_tokens, pooled = self.image_features(batch["image"])
         if "text" in batch:
             return self._caption_losses(batch, image_tokens, pooled)
-        states = self.decode(image_tokens, batch["sequence"])
-        lm = self._lm_loss(states, batch["sequence"], batch["target_mask"])
+        owners, ids, mask = self._prompted_sequences(batch)
+        lm = self._lm_loss(self.decode(image_tokens[owners], ids), ids, mask)
         return {"loss": lm, "log/lm_loss": lm.detach()}
+
+    @staticmethod
+    def _prompted_sequences(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the image of each, ids, target mask) of a VQA / grounding batch's ``N x K x length`` sequences,
+        one row per filled slot."""
+        ids, mask = batch["sequence"].flatten(0, 1), batch["target_mask"].flatten(0, 1)
+        owners = torch.arange(len(batch["sequence"]), device=ids.device).repeat_interleave(batch["sequence"].shape[1])
+        filled = ids[:, 0] != 0
+        return owners[filled], ids[filled], mask[filled]
 
     def lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The decoder's teacher-forced loss on the caption (``text``) or the answer / box (``sequence``) alone:
@@ -194,9 +204,9 @@ class BLIP(nn.Module):
         image_tokens, _ = self.image_features(batch["image"])
         if "text" in batch:
             ids, mask = batch["text"], self._caption_mask(batch["text"])
-        else:
-            ids, mask = batch["sequence"], batch["target_mask"]
-        return self._lm_loss(self.decode(image_tokens, ids), ids, mask)
+            return self._lm_loss(self.decode(image_tokens, ids), ids, mask)
+        owners, ids, mask = self._prompted_sequences(batch)
+        return self._lm_loss(self.decode(image_tokens[owners], ids), ids, mask)
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Keeps the contrastive logit scale in ``[0, log 100]``."""

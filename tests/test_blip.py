@@ -33,6 +33,7 @@ from pretrainlab.inference.inferencers import (
 )
 from pretrainlab.inference.zoo import ModelInfo
 from pretrainlab.models.generation import beam_search
+from pretrainlab.models.text import filled_length
 from pretrainlab.strategies import get_strategy
 from pretrainlab.train.optim import build_optimizer
 from pretrainlab.train.trainer import check_experiment
@@ -215,6 +216,34 @@ def test_target_log_likelihood_sums_what_the_language_modelling_loss_averages(sc
     assert likelihood.shape == (6,) and (likelihood < 0).all()
     taught = batch["target_mask"][:, 0, 1:].sum()
     assert -likelihood.sum().item() / taught.item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_losses_and_generation_of_batches_cut_after_their_longest_text_match_the_padded_ones(scenes):
+    """The model cuts token columns after their longest text (causal attention: nothing kept changes);
+    here the same figures come from the whole padded rows."""
+    torch.manual_seed(0)
+    cfg = tiny_config(scenes["caption"], label_smoothing=0.0)
+    model = get_strategy("blip").build_model(cfg, 0, 3).eval()
+    batch = batch_of(cfg, scenes["caption"], 6)
+    text = batch["text"]
+    assert filled_length(text) < text.shape[1]
+    with torch.no_grad():
+        tokens = model.image_features(batch["image"])[0]
+        padded = model._lm_loss(model.decode(tokens, text), text, model._caption_mask(text))
+        torch.testing.assert_close(model.lm_loss(batch), padded)
+        padded_match = model.itm_head(model._end_states(model.decode(tokens, text), text)).softmax(dim=1)[:, 1]
+        torch.testing.assert_close(model.match_probability(tokens, text), padded_match)
+
+        def padded_log_probs(ids, positions, owners):
+            states = model.decode(tokens[owners], ids)
+            return model.token_logits(states[torch.arange(len(ids)), positions]).float().log_softmax(dim=1)
+
+        prompts = [[START]] * 6
+        expected = beam_search(padded_log_probs, prompts, 48, END, 8, num_beams=2)
+        generated = model.generate(batch["image"], prompts, max_new_tokens=8, num_beams=2)
+    assert [[h.tokens for h in hs] for hs in generated] == [[h.tokens for h in hs] for hs in expected]
+    scores = [h.score for hs in generated for h in hs]
+    assert scores == pytest.approx([h.score for hs in expected for h in hs], rel=1e-5)
 
 
 def attach_info(model, cfg, task: str):

@@ -30,6 +30,7 @@ from pretrainlab.metrics.retrieval import (
     retrieval_recall,
     text_gallery,
 )
+from pretrainlab.models.text import build_text_tower, filled_length
 from pretrainlab.strategies import clip, get_strategy
 from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.train.image_text import evaluate_retrieval, evaluate_retrieval_split
@@ -87,6 +88,21 @@ def test_tokenize_cuts_long_texts_but_keeps_the_end_token():
     ids = tokenize(["one two three four five six seven"], 5)
     assert ids.shape == (1, 5) and ids[0, -1] == 49407
     assert detokenize(ids[0], 5) == "one two three"
+
+
+def test_the_text_tower_reads_a_batch_cut_after_its_longest_text_as_it_reads_the_padded_one():
+    torch.manual_seed(0)
+    tower = build_text_tower(context_length=48, width=32, layers=2, heads=2, output_dim=16).eval()
+    tower.output_tokens = True
+    ids = torch.from_numpy(tokenize(["a red bag", "two small gray squares left of a sneaker", "a"], 48))
+    length = filled_length(ids)
+    assert length == int((ids != 0).sum(dim=1).max()) and filled_length(ids[:2], ids[2:]) == length
+    with torch.no_grad():
+        (pooled, tokens), (cut_pooled, cut_tokens) = tower(ids), tower(ids[:, :length])
+    assert cut_tokens.shape[1] == length
+    torch.testing.assert_close(cut_pooled, pooled)
+    torch.testing.assert_close(cut_tokens, tokens[:, :length])
+    assert filled_length(torch.zeros(2, 5, dtype=torch.long)) == 1
 
 
 def test_tokenize_refuses_one_string():

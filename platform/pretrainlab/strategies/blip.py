@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
-from open_clip.transformer import MultimodalTransformer, TextTransformer
+from open_clip.transformer import MultimodalTransformer
 from pydantic import Field
 from torch import nn
 
@@ -34,9 +34,11 @@ from pretrainlab.data.text import DECODER_VOCAB_SIZE, FIRST_LOCATION_ID, tokeniz
 from pretrainlab.models.generation import Hypothesis, beam_search
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
+from pretrainlab.models.text import TextTransformer, filled_length
 from pretrainlab.strategies.common import rank_and_world
 
 TASK = "generation"
+_TOKEN_COLUMNS = ("text", "negative_text", "sequence", "target_mask")
 DATASET_TASKS = ("caption", "retrieval", "vqa", "grounding")
 
 
@@ -111,7 +113,7 @@ class BLIP(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """L2-normalised ``N x embed_dim`` text embeddings (the contrastive space)."""
-        return F.normalize(self.text(tokens)[0], dim=-1)
+        return F.normalize(self.text(tokens[:, : filled_length(tokens)])[0], dim=-1)
 
     def decode(self, image_tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The decoder's ``N x length x width`` states for token ids ``ids``, each row attending to its image."""
@@ -182,6 +184,7 @@ class BLIP(nn.Module):
         return (positions >= 1) & (positions[None] <= (text == self.end_id).int().argmax(dim=1, keepdim=True))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = _without_padding(batch)
         image_tokens, pooled = self.image_features(batch["image"])
         if "text" in batch:
             return self._caption_losses(batch, image_tokens, pooled)
@@ -201,6 +204,7 @@ class BLIP(nn.Module):
     def lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The decoder's teacher-forced loss on the caption (``text``) or the answer / box (``sequence``) alone:
         what validation measures (no cross-worker or random terms)."""
+        batch = _without_padding(batch)
         image_tokens, _ = self.image_features(batch["image"])
         if "text" in batch:
             ids, mask = batch["text"], self._caption_mask(batch["text"])
@@ -223,6 +227,7 @@ class BLIP(nn.Module):
     @torch.no_grad()
     def match_probability(self, image_tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """:meth:`itm_scores` from image tokens (:meth:`image_features`), row by row."""
+        ids = ids[:, : filled_length(ids)]
         return self.itm_head(self._end_states(self.decode(image_tokens, ids), ids)).softmax(dim=1)[:, 1]
 
     @torch.no_grad()
@@ -231,6 +236,8 @@ class BLIP(nn.Module):
     ) -> torch.Tensor:
         """Per row, the decoder's log-probability of the target tokens of ``ids`` (where ``target_mask``, as
         :func:`~pretrainlab.data.text.prompted_sequences` marks them), each given the tokens before it."""
+        length = filled_length(ids)
+        ids, target_mask = ids[:, :length], target_mask[:, :length]
         taught = target_mask[:, 1:]
         logits = self.token_logits(self.decode(image_tokens, ids)[:, :-1][taught]).float()
         picked = logits.log_softmax(dim=1).gather(1, ids[:, 1:][taught][:, None]).squeeze(1)
@@ -254,7 +261,7 @@ class BLIP(nn.Module):
         image_tokens, _ = self.image_features(images)
 
         def log_probs(ids: torch.Tensor, positions: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
-            states = self.decode(image_tokens[owners], ids)
+            states = self.decode(image_tokens[owners], ids[:, : int(positions.max()) + 1])
             return self.token_logits(states[torch.arange(len(ids)), positions]).float().log_softmax(dim=1)
 
         vocab = torch.arange(DECODER_VOCAB_SIZE, device=images.device)
@@ -277,6 +284,13 @@ class BLIP(nn.Module):
             allowed,
             images.device,
         )
+
+
+def _without_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` with its token columns cut after the last position any of its texts fills (see
+    :mod:`pretrainlab.models.text`)."""
+    length = filled_length(*(batch[name] for name in ("text", "negative_text", "sequence") if name in batch))
+    return {name: column[..., :length] if name in _TOKEN_COLUMNS else column for name, column in batch.items()}
 
 
 def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_init_from: bool = True) -> BLIP:

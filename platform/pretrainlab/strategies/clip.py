@@ -31,7 +31,7 @@ from pretrainlab.data.errors import DatasetError
 from pretrainlab.models.backbones import feature_dim
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
-from pretrainlab.models.text import build_text_tower
+from pretrainlab.models.text import build_text_tower, filled_length
 from pretrainlab.strategies.common import gather_with_grad, rank_and_world
 
 TASK = "image_text"
@@ -119,7 +119,7 @@ class CLIP(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """L2-normalised ``N x embed_dim`` embeddings of token ids (``N x context_length``)."""
-        return F.normalize(self.text(tokens), dim=-1)
+        return F.normalize(self.text(tokens[:, : filled_length(tokens)]), dim=-1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images, texts = self.encode_image(batch["image"]), self.encode_text(batch["text"])

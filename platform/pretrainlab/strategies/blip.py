@@ -38,8 +38,8 @@ from pretrainlab.models.text import TextTransformer, filled_length
 from pretrainlab.strategies.common import rank_and_world
 
 TASK = "generation"
-_TOKEN_COLUMNS = ("text", "negative_text", "sequence", "target_mask")
 DATASET_TASKS = ("caption", "retrieval", "vqa", "grounding")
+_TOKEN_COLUMNS = ("text", "negative_text", "sequence", "target_mask")
 
 
 class Params(StrategyParams):

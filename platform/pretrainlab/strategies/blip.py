@@ -188,18 +188,17 @@ class BLIP(nn.Module):
         image_tokens, pooled = self.image_features(batch["image"])
         if "text" in batch:
             return self._caption_losses(batch, image_tokens, pooled)
-        owners, ids, mask = self._prompted_sequences(batch)
-        lm = self._lm_loss(self.decode(image_tokens[owners], ids), ids, mask)
+        lm = self._prompted_lm_loss(batch, image_tokens)
         return {"loss": lm, "log/lm_loss": lm.detach()}
 
-    @staticmethod
-    def _prompted_sequences(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(the image of each, ids, target mask) of a VQA / grounding batch's ``N x K x length`` sequences,
-        one row per filled slot."""
+    def _prompted_lm_loss(self, batch: dict[str, torch.Tensor], image_tokens: torch.Tensor) -> torch.Tensor:
+        """The language-modelling loss of a VQA / grounding batch's ``N x K x length`` sequences: every filled
+        slot, decoded with its image's tokens."""
         ids, mask = batch["sequence"].flatten(0, 1), batch["target_mask"].flatten(0, 1)
         owners = torch.arange(len(batch["sequence"]), device=ids.device).repeat_interleave(batch["sequence"].shape[1])
         filled = ids[:, 0] != 0
-        return owners[filled], ids[filled], mask[filled]
+        ids, mask = ids[filled], mask[filled]
+        return self._lm_loss(self.decode(image_tokens[owners[filled]], ids), ids, mask)
 
     def lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The decoder's teacher-forced loss on the caption (``text``) or the answer / box (``sequence``) alone:
@@ -209,8 +208,7 @@ class BLIP(nn.Module):
         if "text" in batch:
             ids, mask = batch["text"], self._caption_mask(batch["text"])
             return self._lm_loss(self.decode(image_tokens, ids), ids, mask)
-        owners, ids, mask = self._prompted_sequences(batch)
-        return self._lm_loss(self.decode(image_tokens[owners], ids), ids, mask)
+        return self._prompted_lm_loss(batch, image_tokens)
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Keeps the contrastive logit scale in ``[0, log 100]``."""

@@ -26,6 +26,7 @@ import torch
 from pretrainlab.config import load_config
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.pipeline import Preprocessor, to_model_inputs
+from pretrainlab.data.shards import shard_paths
 from pretrainlab.models.generation import beam_search
 from pretrainlab.strategies import blip, get_strategy
 
@@ -33,8 +34,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TASKS = ("retrieval", "vqa", "grounding")
 
 
-def rows(folder: Path, split: str, count: int) -> dict:
-    table = pq.read_table(sorted(folder.glob(f"{split}-*.parquet"))[0]).slice(0, count)
+def rows(folder: str, split: str, count: int) -> dict:
+    table = pq.read_table(shard_paths(folder, split)[0]).slice(0, count)
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
@@ -67,7 +68,7 @@ def compare_training(task: str, steps: int, rounds: int) -> tuple[float, float]:
     torch.manual_seed(0)
     model = get_strategy("blip").build_model(cfg, 0, 3).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    folder = Path(dataset_dir(cfg))
+    folder = dataset_dir(cfg)
     batch = to_model_inputs(
         Preprocessor(cfg.data, train=True, seed=0)(rows(folder, "train", cfg.train.batch_size)), cfg.data, "cpu"
     )
@@ -83,7 +84,7 @@ def compare_captioning(images: int, rounds: int) -> tuple[float, float]:
     cfg = load_config(CONFIGS / "blip-retrieval_vit-d6w192-p8_scenes.yaml")
     torch.manual_seed(0)
     model = get_strategy("blip").build_model(cfg, 0, 3).eval()
-    folder = Path(dataset_dir(cfg))
+    folder = dataset_dir(cfg)
     pixels = to_model_inputs(Preprocessor(cfg.data, train=False)(rows(folder, "test", images)), cfg.data, "cpu")
     prompts = [[model.start_id]] * images
     cut, padded = [], []

@@ -14,10 +14,17 @@ from pretrainlab.config import validate
 from pretrainlab.data.catalog import dataset_info
 from pretrainlab.data.dataset import load_split_annotated
 from pretrainlab.data.scenes import write_scenes
-from pretrainlab.data.text import FIRST_LOCATION_ID, VQA_PROMPT, bpe_ids, detokenize, prompted_sequences, tokenize
+from pretrainlab.data.text import (
+    FIRST_LOCATION_ID,
+    VQA_PROMPT,
+    bpe_ids,
+    detokenize,
+    generated_box,
+    prompted_sequences,
+    tokenize,
+)
 from pretrainlab.metrics.captioning import caption_scores
 from pretrainlab.metrics.retrieval import recall_of_scores, text_gallery
-from pretrainlab.models.generation import Hypothesis
 from pretrainlab.strategies import get_strategy
 from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.train.evaluate import eval_batches
@@ -27,7 +34,6 @@ from pretrainlab.train.generation_eval import (
     evaluate_grounding,
     evaluate_vqa,
     generate_best,
-    hypothesis_box,
     most_likely_answers,
 )
 from pretrainlab.train.image_text import evaluate_retrieval
@@ -146,11 +152,10 @@ def test_centre_box_by_hand():
         centre_box([], 64, 64)
 
 
-def test_hypothesis_box_orders_coordinates_and_gives_an_empty_box_when_cut_short():
+def test_generated_box_orders_coordinates_and_gives_an_empty_box_when_cut_short():
     bins = (40, 8, 20, 30)  # x1 > x2 as generated
-    box = hypothesis_box(Hypothesis(tuple(FIRST_LOCATION_ID + b for b in bins), -1.0, True), 64, 64)
-    assert box == [20.5, 8.5, 40.5, 30.5]
-    assert hypothesis_box(Hypothesis((FIRST_LOCATION_ID,), -1.0, False), 64, 64) == [0.0, 0.0, 0.0, 0.0]
+    assert generated_box([FIRST_LOCATION_ID + b for b in bins], 64, 64) == [20.5, 8.5, 40.5, 30.5]
+    assert generated_box([FIRST_LOCATION_ID], 64, 64) == [0.0, 0.0, 0.0, 0.0]
 
 
 def test_grounding_scores_each_expression_and_the_centre_box_baseline(scenes):

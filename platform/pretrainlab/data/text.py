@@ -84,6 +84,15 @@ def tokens_to_box(ids: Sequence[int], width: float, height: float) -> list[float
     return [(b + 0.5) / LOCATION_BINS * s for b, s in zip(bins, scale, strict=True)]
 
 
+def generated_box(ids: Sequence[int], width: float, height: float) -> list[float]:
+    """The pixel box ``x1 <= x2, y1 <= y2`` of the location tokens a decoder wrote (:func:`tokens_to_box`);
+    anything but four tokens (a box cut short by the context length) gives the empty box at the origin."""
+    if len(ids) != 4:
+        return [0.0, 0.0, 0.0, 0.0]
+    x1, y1, x2, y2 = tokens_to_box(ids, width, height)
+    return [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
+
+
 def prompted_sequences(
     prompts: Sequence[list[int]], targets: Sequence[list[int]], context_length: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -126,10 +135,12 @@ def text_columns(
     - ``questions`` (VQA rows): ``sequence`` = ``question: Q answer: A`` and ``target_mask`` on ``A``,
       per question with its most common answer.
     - ``refs`` (grounding rows): ``sequence`` = ``EXPRESSION box:`` then the box's four location tokens
-      (see :func:`box_to_tokens`), and ``target_mask`` on them; per object, one of its expressions.
+      (see :func:`box_to_tokens`), and ``target_mask`` on them; per object, one of its expressions; and
+      ``box``, the object's ``x1, y1, x2, y2`` as fractions of the image's width and height (a box head's target).
 
-    ``sequence`` and ``target_mask`` are ``N x texts_per_image x context_length``: that many of each
-    image's questions / objects, all zeros in the slots of an image that has fewer.
+    ``sequence`` and ``target_mask`` are ``N x texts_per_image x context_length`` (``box``:
+    ``N x texts_per_image x 4``): that many of each image's questions / objects, all zeros in the slots of an
+    image that has fewer.
 
     Args:
         batch: Shard rows as numpy columns (with ``width`` and ``height`` for grounding rows).
@@ -169,6 +180,10 @@ def text_columns(
             for image_refs, width, height in zip(refs, batch["width"], batch["height"], strict=True)
         ]
         out["sequence"], out["target_mask"] = _per_image_sequences(prompts, boxes, texts_per_image, context_length)
+        out["box"] = np.zeros((len(refs), texts_per_image, 4), dtype=np.float32)
+        for image, (image_refs, width, height) in enumerate(zip(refs, batch["width"], batch["height"], strict=True)):
+            scale = np.array([width, height, width, height], dtype=np.float32)
+            out["box"][image, : len(image_refs)] = [np.clip(np.asarray(ref["box"]) / scale, 0, 1) for ref in image_refs]
     return out
 
 

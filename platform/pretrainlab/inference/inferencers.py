@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrainlab.data.catalog import dataset_location
-from pretrainlab.data.text import GROUNDING_PROMPT, VQA_PROMPT, bpe_ids, detokenize, tokens_to_box
+from pretrainlab.data.text import GROUNDING_PROMPT, VQA_PROMPT, bpe_ids, detokenize
 from pretrainlab.inference.inputs import ImageInput, as_list, load_image
 from pretrainlab.inference.zoo import get_model, model_info
 from pretrainlab.models.generation import Hypothesis
@@ -232,7 +232,6 @@ class _GenerationInferencer(_Inferencer):
         max_new_tokens: int,
         num_beams: int,
         length_penalty: float,
-        boxes: bool = False,
     ) -> list[Hypothesis]:
         """The best hypothesis for each input, its prompt (None: start token only) before it."""
         items = as_list(inputs)
@@ -247,7 +246,7 @@ class _GenerationInferencer(_Inferencer):
             for first in range(0, len(items), batch_size):
                 images = self.preprocess(items[first : first + batch_size], first).to(self.device)
                 hypotheses = self.model.generate(
-                    images, prompt_ids[first : first + batch_size], max_new_tokens, num_beams, length_penalty, boxes
+                    images, prompt_ids[first : first + batch_size], max_new_tokens, num_beams, length_penalty
                 )
                 best += [ranked[0] for ranked in hypotheses]
         return best
@@ -309,9 +308,11 @@ class VisualQuestionAnsweringInferencer(_GenerationInferencer):
 
 
 class VisualGroundingInferencer(_GenerationInferencer):
-    """The box of the object a referring expression names, written by the decoder as four location tokens.
+    """The box of the object a referring expression names: four location tokens written by the decoder, or the
+    box head's box (``strategy_params.box_head``).
 
-    Each result holds ``text`` and ``pred_bbox``: ``[x1, y1, x2, y2]`` in the input image's own pixels.
+    Each result holds ``text``, ``pred_bbox`` (``[x1, y1, x2, y2]`` in the input image's own pixels) and its
+    ``score`` (see ``predict_boxes`` of the model).
     """
 
     task = "grounding"
@@ -324,17 +325,22 @@ class VisualGroundingInferencer(_GenerationInferencer):
         num_beams: int = 1,
     ) -> list[dict[str, Any]]:
         items = as_list(inputs)
+        if not items:
+            raise ValueError("no inputs given")
         texts = _one_per_image(texts, len(items), "texts")
         pixels = [load_image(item, self.info.in_chans, i) for i, item in enumerate(items)]
         arrays = [p.permute(1, 2, 0).numpy() for p in pixels]
-        prompts = [GROUNDING_PROMPT.format(text) for text in texts]
-        best = self._generate(arrays, prompts, batch_size, 5, num_beams, 1.0, boxes=True)
-        results = []
-        for text, image, hypothesis in zip(texts, pixels, best, strict=True):
-            x1, y1, x2, y2 = tokens_to_box(hypothesis.tokens, image.shape[2], image.shape[1])
-            box = [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
-            results.append({"text": text, "pred_bbox": box, "score": hypothesis.score})
-        return results
+        sizes = [p.shape[1:] for p in pixels]
+        prompts = [[self.model.start_id, *ids] for ids in bpe_ids([GROUNDING_PROMPT.format(t) for t in texts])]
+        found = []
+        with torch.no_grad():
+            for first in range(0, len(items), batch_size):
+                images = self.preprocess(arrays[first : first + batch_size], first).to(self.device)
+                found += self.model.predict_boxes(images, prompts[first : first + batch_size], num_beams)
+        return [
+            {"text": text, "pred_bbox": [v * s for v, s in zip(box, (width, height) * 2, strict=True)], "score": score}
+            for text, (height, width), (box, score) in zip(texts, sizes, found, strict=True)
+        ]
 
 
 TASK_INFERENCERS: dict[str, type[_Inferencer]] = {

@@ -13,7 +13,10 @@ Losses, by what the rows carry (see :func:`pretrainlab.data.text.text_columns`):
   hard-negative captions, and language modelling of the caption (captioning);
 - VQA and grounding rows: language modelling of the answers, or of the boxes' four location tokens
   (Pix2Seq: boxes as tokens of the same decoder, so one model and one loss serve every task), of
-  ``data.texts_per_image`` questions / objects per image, the image encoded once for them.
+  ``data.texts_per_image`` questions / objects per image, the image encoded once for them;
+- grounding rows with ``strategy_params.box_head``: instead of location tokens, a one-stage box head
+  (:class:`~pretrainlab.models.box_head.CellBoxHead`) on the decoder's state after ``EXPRESSION box:``
+  picks the image cell of the object's centre and regresses its box from it.
 
 The decoder's output layer is the token embedding, transposed (tied weights).
 """
@@ -30,7 +33,10 @@ from pydantic import Field
 from torch import nn
 
 from pretrainlab.config import ExperimentConfig, StrategyParams
-from pretrainlab.data.text import DECODER_VOCAB_SIZE, FIRST_LOCATION_ID, tokenizer
+from pretrainlab.data.errors import DatasetError
+from pretrainlab.data.text import DECODER_VOCAB_SIZE, FIRST_LOCATION_ID, generated_box, tokenizer
+from pretrainlab.metrics.grounding import grounding_scores
+from pretrainlab.models.box_head import CellBoxHead
 from pretrainlab.models.generation import Hypothesis, beam_search
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
@@ -61,6 +67,11 @@ class Params(StrategyParams):
     )
     rerank_k: int = Field(
         16, ge=0, description="Retrieval evaluation: candidates per query re-ranked by the matching head (0: none)."
+    )
+    box_head: bool = Field(
+        False,
+        description="Grounding: predict boxes with a one-stage box head on the decoder's state (the image cell of "
+        "the object's centre, the box regressed from it) instead of four location tokens written by the decoder.",
     )
 
 
@@ -95,6 +106,7 @@ class BLIP(nn.Module):
         )
         nn.init.normal_(self.decoder.text_projection, std=params.width**-0.5)  # open_clip leaves it uninitialised
         self.itm_head = nn.Linear(params.width, 2)
+        self.box_head = CellBoxHead(params.width) if params.box_head else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / params.init_temperature)))
         tok = tokenizer(context_length)
         self.start_id, self.end_id = tok.sot_token_id, tok.eot_token_id
@@ -106,6 +118,16 @@ class BLIP(nn.Module):
         features = self.backbone.forward_features(images)
         tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
         return self.image_tokens_proj(tokens), self.backbone.forward_head(features, pre_logits=True)
+
+    def image_cells(self, image_tokens: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The image tokens that tile ``images`` (``N x rows*cols x width``, row by row, without class or register
+        tokens) and their grid (rows, cols)."""
+        cells = image_tokens[:, getattr(self.backbone, "num_prefix_tokens", 0) :]
+        height, width = images.shape[-2:]
+        rows = round(math.sqrt(cells.shape[1] * height / width))
+        if rows * (cells.shape[1] // rows) != cells.shape[1]:
+            raise ValueError(f"{cells.shape[1]} image tokens do not tile a {height} x {width} image in a grid")
+        return cells, (rows, cells.shape[1] // rows)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised ``N x embed_dim`` image embeddings (the contrastive space)."""
@@ -188,27 +210,65 @@ class BLIP(nn.Module):
         image_tokens, pooled = self.image_features(batch["image"])
         if "text" in batch:
             return self._caption_losses(batch, image_tokens, pooled)
+        if self._boxes_from_head(batch):
+            losses = self.box_head.loss(*self._grounding_slots(batch, image_tokens))
+            return {"loss": losses.pop("loss"), **{f"log/{name}": value for name, value in losses.items()}}
         lm = self._prompted_lm_loss(batch, image_tokens)
         return {"loss": lm, "log/lm_loss": lm.detach()}
+
+    def _boxes_from_head(self, batch: dict[str, torch.Tensor]) -> bool:
+        """Whether the box head, not the decoder, answers this batch (``check_dataset``: only grounding rows)."""
+        return self.box_head is not None and "sequence" in batch
+
+    def _filled_slots(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the image index of each of a VQA / grounding batch's ``N x K`` slots, which slots are filled), flat."""
+        slots = batch["sequence"].shape[1]
+        owners = torch.arange(len(batch["sequence"]), device=batch["sequence"].device).repeat_interleave(slots)
+        return owners, batch["sequence"].flatten(0, 1)[:, 0] != 0
 
     def _prompted_lm_loss(self, batch: dict[str, torch.Tensor], image_tokens: torch.Tensor) -> torch.Tensor:
         """The language-modelling loss of a VQA / grounding batch's ``N x K x length`` sequences: every filled
         slot, decoded with its image's tokens."""
-        ids, mask = batch["sequence"].flatten(0, 1), batch["target_mask"].flatten(0, 1)
-        owners = torch.arange(len(batch["sequence"]), device=ids.device).repeat_interleave(batch["sequence"].shape[1])
-        filled = ids[:, 0] != 0
-        ids, mask = ids[filled], mask[filled]
+        owners, filled = self._filled_slots(batch)
+        ids, mask = batch["sequence"].flatten(0, 1)[filled], batch["target_mask"].flatten(0, 1)[filled]
         return self._lm_loss(self.decode(image_tokens[owners[filled]], ids), ids, mask)
 
+    def _box_queries(self, image_tokens: torch.Tensor, prompt_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The decoder's state at the last token of each prompt (``start, EXPRESSION box:``), ``M x width``."""
+        states = self.decode(image_tokens, prompt_ids)
+        return states[torch.arange(len(prompt_ids), device=prompt_ids.device), lengths - 1]
+
+    def _grounding_slots(self, batch: dict[str, torch.Tensor], image_tokens: torch.Tensor) -> tuple:
+        """For the filled slots of a grounding batch, the box head's inputs and targets: (the decoder's state
+        after each prompt, the cells of its image, the cells' grid, the true box)."""
+        owners, filled = self._filled_slots(batch)
+        ids = batch["sequence"].flatten(0, 1)[filled]
+        lengths = batch["target_mask"].flatten(0, 1)[filled].int().argmax(dim=1)  # the first location token
+        query = self._box_queries(image_tokens[owners[filled]], ids, lengths)
+        cells, grid = self.image_cells(image_tokens, batch["image"])
+        return query, cells[owners[filled]], grid, batch["box"].flatten(0, 1)[filled].float()
+
     def lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The decoder's teacher-forced loss on the caption (``text``) or the answer / box (``sequence``) alone:
-        what validation measures (no cross-worker or random terms)."""
+        """The decoder's teacher-forced loss on the caption (``text``) or the answer / box (``sequence``) alone."""
         batch = _without_padding(batch)
         image_tokens, _ = self.image_features(batch["image"])
         if "text" in batch:
             ids, mask = batch["text"], self._caption_mask(batch["text"])
             return self._lm_loss(self.decode(image_tokens, ids), ids, mask)
         return self._prompted_lm_loss(batch, image_tokens)
+
+    def validation_metrics(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, float], int]:
+        """What validation measures on ``batch`` (no cross-worker or random terms), and how many samples each
+        figure averages: ``lm_loss`` (the decoder's teacher-forced loss) per image, or, for a box head on
+        grounding rows, ``box_loss``, ``acc_iou50`` and ``miou`` (in %) per object."""
+        if not self._boxes_from_head(batch):
+            return {"lm_loss": self.lm_loss(batch).item()}, len(batch["image"])
+        batch = _without_padding(batch)
+        image_tokens, _ = self.image_features(batch["image"])
+        query, cells, grid, target = self._grounding_slots(batch, image_tokens)
+        loss = self.box_head.loss(query, cells, grid, target)["loss"]
+        boxes, _ = self.box_head.predict(query, cells, grid)
+        return {"box_loss": loss.item(), **grounding_scores(boxes, target)}, len(target)
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Keeps the contrastive logit scale in ``[0, log 100]``."""
@@ -241,6 +301,26 @@ class BLIP(nn.Module):
         picked = logits.log_softmax(dim=1).gather(1, ids[:, 1:][taught][:, None]).squeeze(1)
         rows = torch.arange(len(ids), device=ids.device)[:, None].expand_as(taught)[taught]
         return torch.zeros(len(ids), device=ids.device).index_add_(0, rows, picked)
+
+    @torch.no_grad()
+    def predict_boxes(
+        self, images: torch.Tensor, prompts: list[list[int]], num_beams: int = 1
+    ) -> list[tuple[list[float], float]]:
+        """The box of the object each prompt (start token + ``EXPRESSION box:`` ids) names in its image, as
+        ``x1 <= x2, y1 <= y2`` fractions of the image's width and height, with its score: the box head's
+        probability of the chosen cell, or the decoder's mean log-probability of the four location tokens
+        (searched with ``num_beams``; a box cut short by the context length is the empty box at the origin)."""
+        if self.box_head is None:
+            found = self.generate(images, prompts, 5, num_beams, boxes=True)
+            return [(generated_box(hypotheses[0].tokens, 1.0, 1.0), hypotheses[0].score) for hypotheses in found]
+        ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long, device=images.device)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt)
+        lengths = torch.tensor([len(prompt) for prompt in prompts], device=images.device)
+        image_tokens, _ = self.image_features(images)
+        cells, grid = self.image_cells(image_tokens, images)
+        boxes, scores = self.box_head.predict(self._box_queries(image_tokens, ids, lengths), cells, grid)
+        return [(box, score) for box, score in zip(boxes.tolist(), scores.tolist(), strict=True)]
 
     @torch.no_grad()
     def generate(
@@ -289,6 +369,15 @@ def _without_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     :mod:`pretrainlab.models.text`)."""
     length = filled_length(*(batch[name] for name in ("text", "negative_text", "sequence") if name in batch))
     return {name: column[..., :length] if name in _TOKEN_COLUMNS else column for name, column in batch.items()}
+
+
+def check_dataset(cfg: ExperimentConfig, info: dict) -> None:
+    """Raises ``DatasetError`` when ``box_head`` is set and the dataset is not a grounding dataset."""
+    if Params.model_validate(cfg.strategy_params).box_head and info["task"] != "grounding":
+        raise DatasetError(
+            f"strategy_params.box_head: {cfg.data.dataset} is a {info['task']} dataset; a box head trains on "
+            "grounding datasets (set box_head: false)"
+        )
 
 
 def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_init_from: bool = True) -> BLIP:

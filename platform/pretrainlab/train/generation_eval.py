@@ -16,7 +16,7 @@ that the model should beat by a wide margin:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from pretrainlab.config import DataConfig
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.dataset import load_split_annotated
 from pretrainlab.data.errors import DatasetError
-from pretrainlab.data.text import GROUNDING_PROMPT, VQA_PROMPT, bpe_ids, detokenize, prompted_sequences, tokens_to_box
+from pretrainlab.data.text import GROUNDING_PROMPT, VQA_PROMPT, bpe_ids, detokenize, prompted_sequences
 from pretrainlab.inference.loading import LoadedModel
 from pretrainlab.metrics.captioning import caption_scores
 from pretrainlab.metrics.grounding import grounding_scores
@@ -69,21 +69,60 @@ def generate_best(
         batch_size: Images per pipeline batch and rows per ``generate`` call.
         generate_kwargs: ``max_new_tokens``, ``num_beams``, ``length_penalty``, ``boxes``.
     """
+
+    def best(images: torch.Tensor, chunk: list[list[int]]) -> list[Hypothesis]:
+        return [hypotheses[0] for hypotheses in model.generate(images, chunk, **generate_kwargs)]
+
+    return _per_sample(best, model, images, owners, prompts, data_cfg, batch_size)
+
+
+@torch.no_grad()
+def predicted_boxes(
+    model: nn.Module,
+    images: np.ndarray,
+    owners: Sequence[int],
+    prompts: Sequence[list[int]],
+    data_cfg: DataConfig,
+    batch_size: int = 64,
+    num_beams: int = 1,
+) -> list[Box]:
+    """The pixel box ``model.predict_boxes`` finds for each sample: prompt ``prompts[i]`` (start token +
+    ``EXPRESSION box:`` ids) about image ``owners[i]``; batched as :func:`generate_best`."""
+    height, width = images.shape[2:]
+    scale = [width, height, width, height]
+
+    def boxes(images: torch.Tensor, chunk: list[list[int]]) -> list[Box]:
+        found = model.predict_boxes(images, chunk, num_beams)
+        return [[v * s for v, s in zip(box, scale, strict=True)] for box, _ in found]
+
+    return _per_sample(boxes, model, images, owners, prompts, data_cfg, batch_size)
+
+
+def _per_sample(
+    call: Callable[[torch.Tensor, list[list[int]]], list],
+    model: nn.Module,
+    images: np.ndarray,
+    owners: Sequence[int],
+    prompts: Sequence[list[int]],
+    data_cfg: DataConfig,
+    batch_size: int,
+) -> list:
+    """``call(images, prompts)`` over every sample, ``batch_size`` rows at a time, each row its own copy of its
+    image (as :func:`generate_best` describes); the results in sample order."""
     owners = np.asarray(owners, dtype=np.int64)
     if len(owners) != len(prompts):
         raise ValueError(f"got {len(owners)} image indices for {len(prompts)} prompts")
     if len(owners) and ((np.diff(owners) < 0).any() or owners[0] < 0 or owners[-1] >= len(images)):
         raise ValueError(f"image indices must be sorted and within 0..{len(images) - 1}")
-    best: list[Hypothesis] = []
+    results: list = []
     for start, batch in zip(
         range(0, len(images), batch_size), eval_batches(images, data_cfg, batch_size, _device(model)), strict=True
     ):
         first, stop = np.searchsorted(owners, [start, start + len(batch)])
         for lo in range(first, stop, batch_size):
             rows = torch.from_numpy(owners[lo : min(stop, lo + batch_size)] - start).to(batch.device)
-            found = model.generate(batch[rows], list(prompts[lo : lo + len(rows)]), **generate_kwargs)
-            best += [hypotheses[0] for hypotheses in found]
-    return best
+            results += call(batch[rows], list(prompts[lo : lo + len(rows)]))
+    return results
 
 
 @torch.no_grad()
@@ -184,18 +223,6 @@ def _grounding_samples(annotations: dict[str, list], start_id: int) -> tuple[lis
     return [i for i, _, _ in pairs], [[start_id, *p] for p in prompts], [[float(v) for v in box] for _, _, box in pairs]
 
 
-def hypothesis_box(hypothesis: Hypothesis, width: float, height: float) -> Box:
-    """The pixel box ``x1 <= x2, y1 <= y2`` of a grounding hypothesis' four location tokens.
-
-    A hypothesis cut short by the context length (fewer than four tokens) gives the empty box at the origin,
-    which scores IoU 0.
-    """
-    if len(hypothesis.tokens) != 4:
-        return [0.0, 0.0, 0.0, 0.0]
-    x1, y1, x2, y2 = tokens_to_box(hypothesis.tokens, width, height)
-    return [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
-
-
 def centre_box(target_boxes: Sequence[Sequence[float]], width: float, height: float) -> Box:
     """The centre-box baseline: a box centred in a ``width x height`` image, as wide and as tall as the
     ``target_boxes`` (``x1, y1, x2, y2``) are on average."""
@@ -291,27 +318,24 @@ def evaluate_grounding(
     data_cfg: DataConfig,
     batch_size: int = 64,
     num_beams: int = 1,
-    length_penalty: float = 1.0,
 ) -> tuple[dict[str, float], list[Box]]:
     """Accuracy at IoU >= 0.5 and mean IoU of one box predicted per (ref, expression), next to the
     ``centre_box/*`` baseline (:func:`centre_box` of the samples' targets).
 
     Args:
-        model: A generative image-text model in eval mode that writes location tokens (``boxes=True``).
+        model: A generative image-text model in eval mode that finds boxes (``predict_boxes``).
         images: uint8 ``N x C x H x W``; boxes are in these images' pixels.
         annotations: The split's ``refs``, one list per image.
         data_cfg: The model's data section.
         batch_size: Images per pipeline batch and expressions per generation batch.
-        num_beams, length_penalty: Search settings (default greedy).
+        num_beams: Search setting of a decoder that writes location tokens (default greedy).
 
     Returns:
         (metrics, the predicted pixel box of each sample, in image, ref, expression order).
     """
     owners, prompts, targets = _grounding_samples(annotations, model.start_id)
     height, width = images.shape[2:]
-    search = {"num_beams": num_beams, "length_penalty": length_penalty, "boxes": True}
-    best = generate_best(model, images, owners, prompts, data_cfg, batch_size, max_new_tokens=5, **search)
-    boxes = [hypothesis_box(h, width, height) for h in best]
+    boxes = predicted_boxes(model, images, owners, prompts, data_cfg, batch_size, num_beams)
     centre = [centre_box(targets, width, height)] * len(targets)
     return {**grounding_scores(boxes, targets), **_prefixed("centre_box", grounding_scores(centre, targets))}, boxes
 
@@ -379,9 +403,8 @@ def generation_samples_figure(
         refs = [row[0] for row in annotations["refs"]]
         texts = [ref["expressions"][0] for ref in refs]
         prompts = [[model.start_id, *p] for p in bpe_ids([GROUNDING_PROMPT.format(text) for text in texts])]
-        best = generate_best(model, images, owners, prompts, data_cfg, max_new_tokens=5, boxes=True)
-        height, width = images.shape[2:]
-        boxes = [(hypothesis_box(h, width, height), ref["box"]) for h, ref in zip(best, refs, strict=True)]
+        found = predicted_boxes(model, images, owners, prompts, data_cfg)
+        boxes = [(box, ref["box"]) for box, ref in zip(found, refs, strict=True)]
         return plot_samples(images, [[text] for text in texts], boxes)
     predictions = _captions(model, images, data_cfg, 64, max_new_tokens=40, num_beams=3)
     lines = [[f"pred: {p}", f"ref: {refs[0]}"] for p, refs in zip(predictions, annotations["captions"], strict=True)]

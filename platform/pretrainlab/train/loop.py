@@ -100,8 +100,9 @@ def validate(models: dict[str, nn.Module], shard: Any, cfg: ExperimentConfig, st
     ``knn_top1``, leave-one-out k-nearest-neighbour top-1 (k=20) of the backbone's features
     among all validation images. Image-text strategies: retrieval Recall@1/5/10 both ways
     (``i2t_r1`` ... ``t2i_r10``, ``rsum``) among all validation images and their texts.
-    Generation strategies: ``lm_loss``, the decoder's teacher-forced loss on the first caption,
-    question or object of each image.
+    Generation strategies: the model's ``validation_metrics`` (``lm_loss``, the decoder's teacher-forced
+    loss on the first caption or questions / objects of each image; with a box head on grounding rows,
+    ``box_loss``, ``acc_iou50`` and ``miou``), averaged over every sample.
     """
     for model in models.values():
         model.eval()
@@ -116,14 +117,17 @@ def validate(models: dict[str, nn.Module], shard: Any, cfg: ExperimentConfig, st
                 stepper.device,
             )
     if task == "generation":
-        sums = {name: torch.zeros(2, dtype=torch.float64) for name in models}
+        sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in models}
         with torch.no_grad(), stepper.autocast:
             for batch in _validation_batches(shard, cfg, stepper.device):
-                count = len(batch["image"])
                 for name, model in models.items():
-                    sums[name] += torch.tensor([unwrap(model).lm_loss(batch).item() * count, count])
+                    metrics, count = unwrap(model).validation_metrics(batch)
+                    for key, value in metrics.items():
+                        total = sums[name].setdefault(key, torch.zeros(2, dtype=torch.float64))
+                        total += torch.tensor([value * count, count], dtype=torch.float64)
         return {
-            name: {"lm_loss": (lambda s: s[0] / s[1])(all_reduce_sums(total).tolist())} for name, total in sums.items()
+            name: {key: (lambda s: s[0] / s[1])(all_reduce_sums(total).tolist()) for key, total in totals.items()}
+            for name, totals in sums.items()
         }
     if task == "classification":
         sums = {name: torch.zeros(4, dtype=torch.float64) for name in models}

@@ -1,5 +1,5 @@
 """The BLIP-style model: decoder sequences, box tokens, beam search, its losses on each kind of scenes row, an
-overfit check of the decoder, and the caption / VQA / grounding inferencers."""
+overfit check of the decoder and of the box head, and the caption / VQA / grounding inferencers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import CONFIGS
 from pretrainlab.config import load_config, validate
@@ -32,6 +33,7 @@ from pretrainlab.inference.inferencers import (
     VisualQuestionAnsweringInferencer,
 )
 from pretrainlab.inference.zoo import ModelInfo
+from pretrainlab.models.box_head import CellBoxHead
 from pretrainlab.models.generation import beam_search
 from pretrainlab.models.text import filled_length
 from pretrainlab.strategies import get_strategy
@@ -277,6 +279,21 @@ def test_inferencers_caption_answer_and_ground(scenes):
         VisualQuestionAnsweringInferencer(captioner.model)
 
 
+def test_box_head_grounder_gives_boxes_in_each_images_own_pixels(scenes):
+    torch.manual_seed(0)
+    cfg = tiny_config(scenes["grounding"], box_head=True)
+    grounder = VisualGroundingInferencer(attach_info(get_strategy("blip").build_model(cfg, 0, 3), cfg, "grounding"))
+    pixels = Preprocessor(cfg.data, train=False)(rows_of(scenes["grounding"], 1, "test"))["image"]
+    small = pixels[0].transpose(1, 2, 0)
+    big = np.repeat(np.repeat(small, 2, axis=0), 2, axis=1)  # 128 px, resized to 64 px for the model
+    results = grounder([small, big], "the red object")
+    prompt = [[START, *bpe_ids(["the red object box:"])[0]]]
+    ((box, score),) = grounder.model.predict_boxes(grounder.preprocess([small], 0), prompt)
+    assert results[0]["pred_bbox"] == pytest.approx([v * 64 for v in box], abs=1e-3)
+    assert results[0]["score"] == pytest.approx(score, abs=1e-5)
+    assert 0 <= min(results[1]["pred_bbox"]) and max(results[1]["pred_bbox"]) <= 128 and 0 < results[1]["score"] <= 1
+
+
 def test_grounding_refuses_a_pipeline_that_moves_pixels(project, scenes):
     cfg = tiny_config(scenes["grounding"])
     cfg.data.train_pipeline = [{"type": "RandomApply", "p": 0.5, "transforms": [{"type": "RandomHorizontalFlip"}]}]
@@ -341,6 +358,60 @@ def test_several_objects_per_image_teach_each_ones_box(scenes):
         slots = [s for s in zip(out["sequence"][image], out["target_mask"][image], strict=True) if s[0][0] != 0]
         boxes = sorted(prompt_and_target(*slot)[1] for slot in slots)
         assert boxes == sorted(box_to_tokens(ref["box"], 64, 64) for ref in refs)
+        fractions = [tuple(box) for box in out["box"][image][: len(refs)]]
+        assert sorted(fractions) == sorted(tuple(np.float32(ref["box"]) / np.float32(64)) for ref in refs)
+        assert not out["box"][image][len(refs) :].any()
+        for (ids, mask), fraction in zip(slots, fractions, strict=True):  # each slot's box is its own object's
+            assert prompt_and_target(ids, mask)[1] == box_to_tokens(np.array(fraction) * 64, 64, 64)
+
+
+# --- the box head ---------------------------------------------------------------------------------------------------
+
+
+def test_box_head_reads_the_box_off_a_cell_and_is_taught_the_cell_of_the_centre():
+    torch.manual_seed(0)
+    head = CellBoxHead(8)
+    torch.nn.init.zeros_(head.regress[-1].weight)
+    torch.nn.init.zeros_(head.regress[-1].bias)  # every offset and size sigmoid(0) = 0.5
+    query, cells = torch.randn(1, 8), torch.randn(1, 8, 8)  # a grid of 2 rows x 4 columns
+    box = head.box_at(query, cells, torch.tensor([6]), (2, 4))  # row 1, column 2: centre (2.5 / 4, 1.5 / 2)
+    torch.testing.assert_close(box, torch.tensor([[0.375, 0.5, 0.875, 1.0]]))
+    target = torch.tensor([[0.85, 0.05, 0.95, 0.15]])  # centre (0.9, 0.1): row 0, column 3, cell 3
+    losses = head.loss(query, cells, (2, 4), target)
+    torch.testing.assert_close(losses["cell_loss"], F.cross_entropy(head.cell_logits(query, cells), torch.tensor([3])))
+    read = head.box_at(query, cells, torch.tensor([3]), (2, 4))  # [0.625, -0.25, 1.125, 0.25]
+    torch.testing.assert_close(losses["l1"], (read - target).abs().mean())
+    boxes, probability = head.predict(query, cells, (2, 4))
+    assert ((boxes >= 0) & (boxes <= 1)).all() and 0 < probability.item() <= 1
+
+
+def test_box_head_fits_the_boxes_of_16_images(scenes):
+    """After 60 steps on 16 images, the box head finds most of their objects (IoU >= 0.5), which it did not at
+    the start."""
+    torch.manual_seed(0)
+    cfg = tiny_config(scenes["grounding"], box_head=True)
+    cfg.model.stem_stride = 2  # a 4 x 4 grid of cells on the 64 px images
+    cfg.data.texts_per_image = 8
+    model = get_strategy("blip").build_model(cfg, 0, 3)
+    fixed = to_model_inputs(Preprocessor(cfg.data, train=False)(rows_of(scenes["grounding"], 16)), cfg.data, "cpu")
+    before, count = model.eval().validation_metrics(fixed)
+    assert set(before) == {"box_loss", "acc_iou50", "miou"} and count == int((fixed["sequence"][:, :, 0] != 0).sum())
+    optimizer = torch.optim.AdamW(model.train().parameters(), lr=2e-3)
+    for _ in range(60):
+        out = model(fixed)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    assert {"log/cell_loss", "log/l1", "log/giou_loss", "log/cell_accuracy"} <= set(out)
+    after, _ = model.eval().validation_metrics(fixed)
+    assert before["acc_iou50"] < 20 and after["acc_iou50"] > 60, (before, after)
+    assert after["box_loss"] < before["box_loss"] / 2
+
+
+def test_box_head_trains_on_grounding_datasets_only(project, scenes):
+    check_experiment(tiny_config(scenes["grounding"], box_head=True))
+    with pytest.raises(DatasetError, match="strategy_params.box_head: .* is a vqa dataset; a box head trains on"):
+        check_experiment(tiny_config(scenes["vqa"], box_head=True))
 
 
 def test_a_batch_of_several_questions_per_image_equals_one_row_per_question(scenes):

@@ -35,6 +35,7 @@ from pretrainlab.train.generation_eval import (
     evaluate_vqa,
     generate_best,
     most_likely_answers,
+    predicted_boxes,
 )
 from pretrainlab.train.image_text import evaluate_retrieval
 
@@ -48,21 +49,21 @@ def scenes(tmp_path_factory):
     return write_scenes(tmp_path_factory.mktemp("scenes"), num_images=40, image_size=64, seed=3, workers=1)
 
 
-def tiny_config(folder):
+def tiny_config(folder, **params):
     return validate(
         {
             "name": "blip-test",
             "strategy": "blip",
-            "strategy_params": TINY_BLIP,
+            "strategy_params": {**TINY_BLIP, **params},
             "model": {"backbone": "test_resnet", "stem_stride": 1},
             "data": {"dataset": str(folder), "mean": [0.65] * 3, "std": [0.15] * 3},
         }
     )
 
 
-def tiny_blip(folder):
+def tiny_blip(folder, **params):
     torch.manual_seed(0)
-    cfg = tiny_config(folder)
+    cfg = tiny_config(folder, **params)
     return cfg, get_strategy("blip").build_model(cfg, 0, 3).eval()
 
 
@@ -158,8 +159,9 @@ def test_generated_box_orders_coordinates_and_gives_an_empty_box_when_cut_short(
     assert generated_box([FIRST_LOCATION_ID], 64, 64) == [0.0, 0.0, 0.0, 0.0]
 
 
-def test_grounding_scores_each_expression_and_the_centre_box_baseline(scenes):
-    cfg, model = tiny_blip(scenes["grounding"])
+@pytest.mark.parametrize("box_head", [False, True])
+def test_grounding_scores_each_expression_and_the_centre_box_baseline(scenes, box_head):
+    cfg, model = tiny_blip(scenes["grounding"], box_head=box_head)
     images, annotations = load_split_annotated(scenes["grounding"], "test")
     images, annotations = images[:2], {"refs": annotations["refs"][:2]}
     metrics, boxes = evaluate_grounding(model, images, annotations, cfg.data, batch_size=8)
@@ -174,6 +176,20 @@ def test_grounding_scores_each_expression_and_the_centre_box_baseline(scenes):
     assert len(boxes) == 2
     assert metrics["centre_box/acc_iou50"] == 0.0
     assert metrics["centre_box/miou"] == pytest.approx(100 * (44 / 656) / 2)
+
+
+def test_predicted_boxes_pair_each_expression_with_its_image_across_batches(scenes):
+    cfg, model = tiny_blip(scenes["grounding"], box_head=True)
+    images, _ = load_split_annotated(scenes["grounding"], "test")
+    owners = [0, 0, 1, 3, 3, 3]
+    prompts = [
+        [model.start_id, *ids] for ids in bpe_ids(["a box:", "b c box:", "d box:", "e box:", "f box:", "g box:"])
+    ]
+    boxes = predicted_boxes(model, images, owners, prompts, cfg.data, batch_size=2)
+    direct = model.predict_boxes(next(eval_batches(images, cfg.data, len(images)))[owners], prompts)
+    expected = [[v * 64 for v in box] for box, _ in direct]
+    np.testing.assert_allclose(boxes, expected, rtol=1e-5, atol=1e-4)
+    assert all(0 < score <= 1 for _, score in direct)
 
 
 def test_reranking_every_candidate_ranks_by_the_matching_head_alone(scenes):
@@ -207,8 +223,8 @@ def test_plot_samples_draws_at_most_16_images_with_their_text_and_boxes():
 # --- the evaluate job on BLIP checkpoints ---------------------------------------------------------------------------
 
 
-def blip_checkpoint(folder, task: str, out):
-    cfg, model = tiny_blip(folder)
+def blip_checkpoint(folder, task: str, out, **params):
+    cfg, model = tiny_blip(folder, **params)
     info = dataset_info(str(folder))  # VQA: the answer vocabulary as class names
     return save_checkpoint(out / task / "checkpoint", model.state_dict(), checkpoint_meta(cfg, info, 1, 2, {}, None))
 
@@ -236,8 +252,9 @@ def test_evaluate_job_names_a_dataset_of_another_task(project, scenes, tmp_path,
     assert "has no 'captions' column to evaluate a model trained on caption rows" in capsys.readouterr().err
 
 
-def test_evaluate_job_logs_metrics_and_the_samples_picture_to_mlflow(project, scenes, tmp_path):
-    checkpoint = blip_checkpoint(scenes["grounding"], "grounding", tmp_path)
+@pytest.mark.parametrize("box_head", [False, True])
+def test_evaluate_job_logs_metrics_and_the_samples_picture_to_mlflow(project, scenes, tmp_path, box_head):
+    checkpoint = blip_checkpoint(scenes["grounding"], "grounding", tmp_path, box_head=box_head)
     assert evaluate_job.main([str(checkpoint), "--split", "test", "--batch-size", "16"]) == 0
     client = MlflowClient()
     experiment = client.get_experiment_by_name("pretrainlab")

@@ -257,6 +257,7 @@ class BLIP(nn.Module):
             return self._lm_loss(self.decode(image_tokens, ids), ids, mask)
         return self._prompted_lm_loss(batch, image_tokens)
 
+    @torch.no_grad()
     def validation_metrics(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, float], int]:
         """What validation measures on ``batch`` (no cross-worker or random terms), and how many samples each
         figure averages: ``lm_loss`` (the decoder's teacher-forced loss) per image, or, for a box head on

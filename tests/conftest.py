@@ -198,15 +198,20 @@ def empty_mlflow_store(tmp_path_factory) -> Path:
     return path
 
 
+def use_project(home: Path, env: pytest.MonkeyPatch, empty_mlflow_store: Path) -> Path:
+    """``home`` made, with a copy of ``empty_mlflow_store``, and set in ``env`` as PRETRAINLAB_HOME and its
+    store as MLFLOW_TRACKING_URI."""
+    home.mkdir()
+    shutil.copyfile(empty_mlflow_store, home / "mlflow.db")
+    env.setenv("PRETRAINLAB_HOME", str(home))
+    env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
+    return home
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch, empty_mlflow_store) -> Path:
     """A fresh PRETRAINLAB_HOME with its own (empty) MLflow sqlite store; data, runs and artifacts land here."""
-    home = tmp_path / "project"
-    home.mkdir()
-    shutil.copyfile(empty_mlflow_store, home / "mlflow.db")
-    monkeypatch.setenv("PRETRAINLAB_HOME", str(home))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
-    return home
+    return use_project(tmp_path / "project", monkeypatch, empty_mlflow_store)
 
 
 BUCKET = "pretrainlab-shared"

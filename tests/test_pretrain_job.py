@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+from types import SimpleNamespace
+
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import CONFIGS
+from conftest import CONFIGS, use_project
 from pretrainlab.data.catalog import dataset_info
 from pretrainlab.tracking.mlflow import RUN_NAME_TAG
 from pretrainlab.train.checkpoint import load_checkpoint
@@ -88,24 +92,44 @@ def test_two_workers_two_epochs_tracked_in_mlflow(project, capsys):
     assert "no such checkpoint folder" in capsys.readouterr().err
 
 
-def test_recipe_switches_train_end_to_end(project):
-    """EMA, gradient accumulation and clipping, repeated augmentation, lr scaling and LAMB, on 2 Ray Train workers."""
-    switches = [
-        "train.ema.decay=0.9",
-        "train.accumulate_steps=2",
-        "train.clip_grad.max=5.0",
-        "data.repeated_augmentation=2",
-        "optim.name=lamb",
-        "optim.lr=0.002",
-        "optim.base_batch_size=64",
-        "train.log_every_n_steps=1",
-    ]
-    assert pretrain("--run-name", "digits-recipe", *(arg for s in switches for arg in ("--set", s))) == 0
-    client = MlflowClient()
+RECIPE_SWITCHES = [
+    "train.ema.decay=0.9",
+    "train.accumulate_steps=2",
+    "train.clip_grad.max=5.0",
+    "data.repeated_augmentation=2",
+    "optim.name=lamb",
+    "optim.lr=0.002",
+    "optim.base_batch_size=64",
+    "train.log_every_n_steps=1",
+]
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory, empty_mlflow_store):
+    """The recipe switches trained for 1 epoch, then the same command with 2 epochs, which resumes the run: what
+    the recipe and the resume tests both read. Its project folder, MLflow client, the first attempt's run and the
+    steps of its epochs, the run once resumed, and the second command's output."""
+    settings = [arg for switch in RECIPE_SWITCHES for arg in ("--set", switch)]
+    output = io.StringIO()
+    with pytest.MonkeyPatch.context() as env:
+        home = use_project(tmp_path_factory.mktemp("recipe") / "project", env, empty_mlflow_store)
+        client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+        assert pretrain("--run-name", "digits-recipe", *settings, "--set", "train.epochs=1") == 0
+        first = only_run(client)
+        first_steps = [m.step for m in client.get_metric_history(first.info.run_id, "epoch")]
+        with contextlib.redirect_stdout(output):
+            assert pretrain("--run-name", "digits-recipe", *settings, "--set", "train.epochs=2") == 0
     run = only_run(client)
+    return SimpleNamespace(home=home, client=client, first=first, first_steps=first_steps, run=run, output=output)
+
+
+def test_recipe_switches_train_end_to_end(recipe_run):
+    """EMA, gradient accumulation and clipping, repeated augmentation, lr scaling and LAMB, on 2 Ray Train workers
+    (epoch 2 trained by the resumed run)."""
+    client, run = recipe_run.client, recipe_run.run
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
-    per_epoch = steps_per_epoch(dataset_info(str(project / "data" / "digits"))["train_count"], 32, 2, 2)
+    per_epoch = steps_per_epoch(dataset_info(str(recipe_run.home / "data" / "digits"))["train_count"], 32, 2, 2)
     assert [m.value for m in client.get_metric_history(run.info.run_id, "step")] == [per_epoch, 2 * per_epoch]
     lrs = [m.value for m in client.get_metric_history(run.info.run_id, "train/lr")]
     assert len(lrs) == 2 * per_epoch
@@ -118,7 +142,9 @@ def test_recipe_switches_train_end_to_end(project):
 
     import mlflow.artifacts
 
-    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="checkpoint")
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="checkpoint", tracking_uri=client.tracking_uri
+    )
     checkpoint = load_checkpoint(local, with_training_state=True)
     assert checkpoint.meta["weights"] in ("raw", "ema")
     assert set(checkpoint.training_state) >= {"optimizer", "scheduler", "ema", "raw_weights", "rng"}
@@ -126,21 +152,13 @@ def test_recipe_switches_train_end_to_end(project):
     assert all(torch.equal(kept[k], v) for k, v in checkpoint.weights.items())
 
 
-def test_resume_continues_the_same_mlflow_run(project, capsys):
-    ema = ["--set", "train.ema.decay=0.9"]
-    assert pretrain("--run-name", "digits-resume", "--set", "train.epochs=1", *ema) == 0
-    client = MlflowClient()
-    first = only_run(client)
-    first_steps = [m.step for m in client.get_metric_history(first.info.run_id, "epoch")]
-
-    assert pretrain("--run-name", "digits-resume", "--set", "train.epochs=2", *ema) == 0
-    out = capsys.readouterr().out
-    assert "resuming run 'digits-resume'" in out
-    run = only_run(client)
-    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
-    epochs = client.get_metric_history(run.info.run_id, "epoch")
+def test_resume_continues_the_same_mlflow_run(recipe_run):
+    assert "resuming run 'digits-recipe'" in recipe_run.output.getvalue()
+    run = recipe_run.run
+    assert run.info.run_id == recipe_run.first.info.run_id and run.info.status == "FINISHED"
+    epochs = recipe_run.client.get_metric_history(run.info.run_id, "epoch")
     assert [m.value for m in epochs] == [1.0, 2.0]  # epoch 1 was not trained again
-    assert epochs[1].step > first_steps[0]
+    assert epochs[1].step > recipe_run.first_steps[0]
     assert "train.epochs: 1 -> 2" in run.data.tags["pretrainlab.changed_on_resume"]
 
 

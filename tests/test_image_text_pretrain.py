@@ -20,8 +20,9 @@ CASES = {  # name -> strategy, scenes dataset, validation metric, a test metric 
     "clip-retrieval": ("clip", "retrieval", "val/t2i_r1", "test_compositional/t2i_r1"),
     "blip-caption": ("blip", "caption", "val/lm_loss", "test/cider"),
     "blip-vqa": ("blip", "vqa", "val/lm_loss", "test/vqa_soft"),
-    "blip-grounding": ("blip", "grounding", "val/lm_loss", "test/acc_iou50"),
+    "blip-grounding": ("blip", "grounding", "val/acc_iou50", "test/acc_iou50"),  # the box head, as its config
 }
+LOWER_IS_BETTER = ("val/lm_loss",)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,7 +42,7 @@ def case_config(tmp_path, scenes, name: str) -> str:
         "_base_": [str(CONFIGS / "_base_" / "runtime" / "default.yaml")],
         "name": f"test-{name}_scenes",
         "strategy": strategy,
-        "strategy_params": TINY_TOWERS[strategy],
+        "strategy_params": {**TINY_TOWERS[strategy], **({"box_head": True} if task == "grounding" else {})},
         "model": {"backbone": "test_resnet"},
         "data": {"dataset": str(scenes[task]), "mean": [0.65] * 3, "std": [0.15] * 3, "context_length": 40},
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01},
@@ -52,7 +53,7 @@ def case_config(tmp_path, scenes, name: str) -> str:
             "cpus_per_worker": 1,
             "eval_batch_size": 64,
             "log_every_n_steps": 1,
-            "checkpoint": {"score_metric": metric, "score_mode": "max" if metric.endswith("r1") else "min"},
+            "checkpoint": {"score_metric": metric, "score_mode": "min" if metric in LOWER_IS_BETTER else "max"},
         },
         "runtime": {"experiment": "scenes-e2e"},
     }
@@ -74,6 +75,9 @@ def test_image_text_model_trains_on_two_workers_and_serves_its_task(project, tmp
     assert run.info.status == "FINISHED" and run.data.tags["strategy"] == strategy
     assert metrics["step"] == 2  # 204 training images / 2 workers // 48
     assert metric in metrics and test_metric in metrics and "train/loss" in metrics
+    if task == "grounding":  # validation of the box head: its loss and scores, every worker's objects together
+        assert {"val/box_loss", "val/miou", "train/cell_loss", "train/giou_loss"} <= set(metrics)
+        assert 0 <= metrics["val/acc_iou50"] <= 100
 
     model = pretrainlab.get_model(f"runs:/{run.info.run_id}/checkpoint")
     assert model.info.task == ("image_text" if strategy == "clip" else task)

@@ -257,6 +257,12 @@ class BLIP(nn.Module):
             return self._lm_loss(self.decode(image_tokens, ids), ids, mask)
         return self._prompted_lm_loss(batch, image_tokens)
 
+    @property
+    def validation_names(self) -> tuple[str, ...]:
+        """The figures :meth:`validation_metrics` returns: known before any batch, so that a worker whose shard
+        is empty still takes part in summing each of them over the workers."""
+        return ("box_loss", "acc_iou50", "miou") if self.box_head is not None else ("lm_loss",)
+
     @torch.no_grad()
     def validation_metrics(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, float], int]:
         """What validation measures on ``batch`` (no cross-worker or random terms), and how many samples each

@@ -117,14 +117,16 @@ def validate(models: dict[str, nn.Module], shard: Any, cfg: ExperimentConfig, st
                 stepper.device,
             )
     if task == "generation":
-        sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in models}
+        sums = {
+            name: {key: torch.zeros(2, dtype=torch.float64) for key in unwrap(model).validation_names}
+            for name, model in models.items()
+        }
         with torch.no_grad(), stepper.autocast:
             for batch in _validation_batches(shard, cfg, stepper.device):
                 for name, model in models.items():
                     metrics, count = unwrap(model).validation_metrics(batch)
                     for key, value in metrics.items():
-                        total = sums[name].setdefault(key, torch.zeros(2, dtype=torch.float64))
-                        total += torch.tensor([value * count, count], dtype=torch.float64)
+                        sums[name][key] += torch.tensor([value * count, count], dtype=torch.float64)
         return {
             name: {key: (lambda s: s[0] / s[1])(all_reduce_sums(total).tolist()) for key, total in totals.items()}
             for name, totals in sums.items()

@@ -9,7 +9,7 @@ preprocessing, so batched and one-by-one calls give the same results.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -234,6 +234,17 @@ class _GenerationInferencer(_Inferencer):
         length_penalty: float,
     ) -> list[Hypothesis]:
         """The best hypothesis for each input, its prompt (None: start token only) before it."""
+        best = []
+        for images, prompt_ids in self._prompted_batches(inputs, prompts, batch_size):
+            hypotheses = self.model.generate(images, prompt_ids, max_new_tokens, num_beams, length_penalty)
+            best += [ranked[0] for ranked in hypotheses]
+        return best
+
+    def _prompted_batches(
+        self, inputs: ImageInput | Sequence[ImageInput], prompts: Sequence[str] | None, batch_size: int
+    ) -> Iterator[tuple[torch.Tensor, list[list[int]]]]:
+        """``batch_size`` inputs at a time, preprocessed, with their prompts' ids after the start token (None:
+        the start token alone)."""
         items = as_list(inputs)
         if not items:
             raise ValueError("no inputs given")
@@ -241,15 +252,9 @@ class _GenerationInferencer(_Inferencer):
             raise ValueError(f"{len(prompts)} prompts for {len(items)} images: give one per image")
         start = [self.model.start_id]
         prompt_ids = [start] * len(items) if prompts is None else [start + ids for ids in bpe_ids(prompts)]
-        best = []
-        with torch.no_grad():
-            for first in range(0, len(items), batch_size):
-                images = self.preprocess(items[first : first + batch_size], first).to(self.device)
-                hypotheses = self.model.generate(
-                    images, prompt_ids[first : first + batch_size], max_new_tokens, num_beams, length_penalty
-                )
-                best += [ranked[0] for ranked in hypotheses]
-        return best
+        for first in range(0, len(items), batch_size):  # generate and predict_boxes run without gradients
+            images = self.preprocess(items[first : first + batch_size], first).to(self.device)
+            yield images, prompt_ids[first : first + batch_size]
 
     def _text(self, hypothesis: Hypothesis) -> str:
         return detokenize(hypothesis.tokens, self.model.context_length)
@@ -325,18 +330,14 @@ class VisualGroundingInferencer(_GenerationInferencer):
         num_beams: int = 1,
     ) -> list[dict[str, Any]]:
         items = as_list(inputs)
-        if not items:
-            raise ValueError("no inputs given")
         texts = _one_per_image(texts, len(items), "texts")
         pixels = [load_image(item, self.info.in_chans, i) for i, item in enumerate(items)]
         arrays = [p.permute(1, 2, 0).numpy() for p in pixels]
         sizes = [p.shape[1:] for p in pixels]
-        prompts = [[self.model.start_id, *ids] for ids in bpe_ids([GROUNDING_PROMPT.format(t) for t in texts])]
+        prompts = [GROUNDING_PROMPT.format(text) for text in texts]
         found = []
-        with torch.no_grad():
-            for first in range(0, len(items), batch_size):
-                images = self.preprocess(arrays[first : first + batch_size], first).to(self.device)
-                found += self.model.predict_boxes(images, prompts[first : first + batch_size], num_beams)
+        for images, prompt_ids in self._prompted_batches(arrays, prompts, batch_size):
+            found += self.model.predict_boxes(images, prompt_ids, num_beams)
         return [
             {"text": text, "pred_bbox": [v * s for v, s in zip(box, (width, height) * 2, strict=True)], "score": score}
             for text, (height, width), (box, score) in zip(texts, sizes, found, strict=True)

@@ -14,6 +14,7 @@ from pretrainlab.config import validate
 from pretrainlab.data.catalog import dataset_info
 from pretrainlab.data.dataset import load_split_annotated
 from pretrainlab.data.scenes import write_scenes
+from pretrainlab.data.scenes.language import EXPRESSION_KINDS
 from pretrainlab.data.text import (
     FIRST_LOCATION_ID,
     VQA_PROMPT,
@@ -176,6 +177,9 @@ def test_grounding_scores_each_expression_and_the_centre_box_baseline(scenes, bo
     assert len(boxes) == 2
     assert metrics["centre_box/acc_iou50"] == 0.0
     assert metrics["centre_box/miou"] == pytest.approx(100 * (44 / 656) / 2)
+    metrics, _ = evaluate_grounding(model, images[:2], two, cfg.data, expression_group=str.upper)
+    assert metrics["samples/A"] == metrics["samples/B"] == 1
+    assert metrics["centre_box/miou/B"] == pytest.approx(100 * 44 / 656) and metrics["centre_box/miou/A"] == 0.0
 
 
 def test_predicted_boxes_pair_each_expression_with_its_image_across_batches(scenes):
@@ -260,5 +264,10 @@ def test_evaluate_job_logs_metrics_and_the_samples_picture_to_mlflow(project, sc
     experiment = client.get_experiment_by_name("pretrainlab")
     (run,) = client.search_runs([experiment.experiment_id])
     assert {"test/acc_iou50", "test/miou", "test/centre_box/miou"} <= set(run.data.metrics)
+    # the scenes set: also per kind of expression, every test expression counted once
+    samples = {key.split("/")[-1]: n for key, n in run.data.metrics.items() if key.startswith("test/samples/")}
+    assert set(samples) <= set(EXPRESSION_KINDS) and f"test/acc_iou50/{next(iter(samples))}" in run.data.metrics
+    _, annotations = load_split_annotated(scenes["grounding"], "test")
+    assert sum(samples.values()) == sum(len(ref["expressions"]) for row in annotations["refs"] for ref in row)
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "evaluation/test")]
     assert artifacts == ["evaluation/test/samples.png"]

@@ -224,6 +224,19 @@ def test_grounding_scores_hand_values():
     assert scores["miou"] == pytest.approx(100 * 11 / 24)
 
 
+def test_grounding_scores_per_group_hand_values():
+    # IoUs 1, 0 (group a) and 1/3, 1/2 (group b)
+    pred = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10]])
+    target = torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30], [5, 0, 15, 10], [0, 0, 10, 5]])
+    scores = grounding_scores(pred, target, ["a", "a", "b", "b"])
+    assert scores["acc_iou50"] == pytest.approx(50.0) and scores["miou"] == pytest.approx(100 * 11 / 24)
+    assert scores["acc_iou50/a"] == pytest.approx(50.0) and scores["miou/a"] == pytest.approx(50.0)
+    assert scores["acc_iou50/b"] == pytest.approx(50.0) and scores["miou/b"] == pytest.approx(100 * 5 / 12)
+    assert scores["samples/a"] == scores["samples/b"] == 2
+    with pytest.raises(ValueError, match="got 3 groups for 4 box pairs"):
+        grounding_scores(pred, target, ["a", "a", "b"])
+
+
 def test_grounding_rejects_bad_boxes():
     with pytest.raises(ValueError, match="N x 4"):
         box_iou([[0, 0, 1]], [[0, 0, 1]])

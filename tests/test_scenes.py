@@ -25,8 +25,8 @@ from pretrainlab.data.scenes import (
     referring_expressions,
     write_scenes,
 )
-from pretrainlab.data.scenes.grammar import COLORS, SHAPES, SIZES
-from pretrainlab.data.scenes.language import CAPTION_KINDS, caption_kind
+from pretrainlab.data.scenes.grammar import ATTRIBUTES, COLORS, SHAPES, SIZES
+from pretrainlab.data.scenes.language import CAPTION_KINDS, EXPRESSION_KINDS, caption_kind, expression_kind
 from pretrainlab.data.shards import load_manifest, shard_paths, verify_dataset
 
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]
@@ -216,7 +216,7 @@ def test_images_are_their_scene_graphs_and_boxes_lie_inside(small):
 
 
 def test_every_referring_expression_picks_out_exactly_one_object(small):
-    relational = 0
+    relational, kinds = 0, Counter()
     for split in SPLITS:
         for row in rows(small["grounding"], split):
             objects = scene_of(row, seed=1).objects
@@ -225,14 +225,26 @@ def test_every_referring_expression_picks_out_exactly_one_object(small):
                 for expression in ref["expressions"]:
                     (obj,) = referent(expression, objects)
                     assert list(obj.box) == ref["box"] and obj.shape == ref["category"]
-                    named = len(parse_description(re.fullmatch(rf"the (.+?)(?: {SPATIAL} the .+)?", expression)[1]))
+                    named = parse_description(re.fullmatch(rf"the (.+?)(?: {SPATIAL} the .+)?", expression)[1])
                     unique = [d for d in descriptions_of(obj) if [o for o in objects if fits(o, d)] == [obj]]
                     if " the " in expression:  # a relation only when no attributes single the object out
                         assert not unique, expression
+                        assert expression_kind(expression) == "relation"
                         relational += 1
                     else:  # the fewest attributes that do
-                        assert named == min(map(len, unique)), expression
+                        assert len(named) == min(map(len, unique)), expression
+                        assert expression_kind(expression) == "-".join(a for a in ATTRIBUTES if a in named)
+                    kinds[expression_kind(expression)] += 1
     assert relational > 0
+    assert set(kinds) <= set(EXPRESSION_KINDS) and {"color", "shape", "size-shape", "relation"} <= set(kinds), kinds
+
+
+@pytest.mark.parametrize(
+    "text", ["the object", "a red circle", "the red circle near the square", "the circle left of the", "the red"]
+)
+def test_expression_kind_refuses_what_the_grammar_does_not_say(text):
+    with pytest.raises(ValueError, match="not a referring expression of the scenes grammar"):
+        expression_kind(text)
 
 
 def test_a_relation_tells_twins_apart():

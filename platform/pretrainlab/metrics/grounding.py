@@ -1,5 +1,7 @@
 """Visual grounding metrics: element-wise box IoU, accuracy at IoU >= 0.5 and mean IoU."""
 
+from collections.abc import Sequence
+
 import torch
 from torchvision.ops import box_area
 
@@ -30,9 +32,24 @@ def box_iou(pred, target) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), 0.0)
 
 
-def grounding_scores(pred_boxes, target_boxes) -> dict[str, float]:
-    """``{"acc_iou50": % of pairs with IoU >= 0.5, "miou": mean IoU in %}`` for one box per expression."""
+def grounding_scores(pred_boxes, target_boxes, groups: Sequence[str] | None = None) -> dict[str, float]:
+    """``{"acc_iou50": % of pairs with IoU >= 0.5, "miou": mean IoU in %}`` for one box per expression.
+
+    With ``groups`` (one name per pair, e.g. the kind of each expression) the result also has
+    ``acc_iou50/<group>``, ``miou/<group>`` and ``samples/<group>`` (how many pairs) for every group.
+    """
     iou = box_iou(pred_boxes, target_boxes)
     if len(iou) == 0:
         raise ValueError("no boxes to score")
-    return {"acc_iou50": 100.0 * float((iou >= 0.5).double().mean()), "miou": 100.0 * float(iou.mean())}
+    if groups is not None and len(groups) != len(iou):
+        raise ValueError(f"got {len(groups)} groups for {len(iou)} box pairs")
+    scores = _scores("", iou)
+    for group in sorted(set(groups or ())):
+        member = torch.tensor([g == group for g in groups])
+        scores |= _scores(f"/{group}", iou[member]) | {f"samples/{group}": float(member.sum())}
+    return scores
+
+
+def _scores(suffix: str, iou: torch.Tensor) -> dict[str, float]:
+    accuracy = 100.0 * float((iou >= 0.5).double().mean())
+    return {f"acc_iou50{suffix}": accuracy, f"miou{suffix}": 100.0 * float(iou.mean())}

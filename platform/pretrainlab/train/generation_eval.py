@@ -28,6 +28,7 @@ from pretrainlab.config import DataConfig
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.dataset import load_split_annotated
 from pretrainlab.data.errors import DatasetError
+from pretrainlab.data.scenes.language import caption_kind, expression_kind
 from pretrainlab.data.text import GROUNDING_PROMPT, VQA_PROMPT, bpe_ids, detokenize, prompted_sequences
 from pretrainlab.inference.loading import LoadedModel
 from pretrainlab.metrics.captioning import caption_scores
@@ -36,7 +37,7 @@ from pretrainlab.metrics.vqa import vqa_scores
 from pretrainlab.models.generation import Hypothesis
 from pretrainlab.train.checkpoint import CheckpointError
 from pretrainlab.train.evaluate import eval_batches
-from pretrainlab.train.image_text import evaluate_retrieval, scenes_caption_kind
+from pretrainlab.train.image_text import evaluate_retrieval, scenes_text_kind
 
 Box = list[float]
 
@@ -213,14 +214,17 @@ def _vqa_samples(annotations: dict[str, list], start_id: int) -> tuple[list[int]
     return [i for i, _ in questions], [[start_id, *p] for p in prompts], [q for _, q in questions]
 
 
-def _grounding_samples(annotations: dict[str, list], start_id: int) -> tuple[list[int], list[list[int]], list[Box]]:
+def _grounding_samples(
+    annotations: dict[str, list], start_id: int
+) -> tuple[list[int], list[list[int]], list[Box], list[str]]:
     """One sample per expression of every ref (as RefCOCO evaluation counts them):
-    (image indices, ``GROUNDING_PROMPT`` prompts, target pixel boxes)."""
+    (image indices, ``GROUNDING_PROMPT`` prompts, target pixel boxes, the expressions)."""
     pairs = [
         (i, text, ref["box"]) for i, row in enumerate(annotations["refs"]) for ref in row for text in ref["expressions"]
     ]
-    prompts = bpe_ids([GROUNDING_PROMPT.format(text) for _, text, _ in pairs])
-    return [i for i, _, _ in pairs], [[start_id, *p] for p in prompts], [[float(v) for v in box] for _, _, box in pairs]
+    texts = [text for _, text, _ in pairs]
+    prompts = [[start_id, *p] for p in bpe_ids([GROUNDING_PROMPT.format(text) for text in texts])]
+    return [i for i, _, _ in pairs], prompts, [[float(v) for v in box] for _, _, box in pairs], texts
 
 
 def centre_box(target_boxes: Sequence[Sequence[float]], width: float, height: float) -> Box:
@@ -318,9 +322,11 @@ def evaluate_grounding(
     data_cfg: DataConfig,
     batch_size: int = 64,
     num_beams: int = 1,
+    expression_group: Callable[[str], str] | None = None,
 ) -> tuple[dict[str, float], list[Box]]:
     """Accuracy at IoU >= 0.5 and mean IoU of one box predicted per (ref, expression), next to the
-    ``centre_box/*`` baseline (:func:`centre_box` of the samples' targets).
+    ``centre_box/*`` baseline (:func:`centre_box` of the samples' targets); with ``expression_group``, also
+    per group of expressions (``acc_iou50/<group>``, ``miou/<group>``, ``samples/<group>``).
 
     Args:
         model: A generative image-text model in eval mode that finds boxes (``predict_boxes``).
@@ -329,23 +335,27 @@ def evaluate_grounding(
         data_cfg: The model's data section.
         batch_size: Images per pipeline batch and expressions per generation batch.
         num_beams: Search setting of a decoder that writes location tokens (default greedy).
+        expression_group: Names the group of an expression (on the scenes set, its kind:
+            :func:`~pretrainlab.data.scenes.language.expression_kind`).
 
     Returns:
         (metrics, the predicted pixel box of each sample, in image, ref, expression order).
     """
-    owners, prompts, targets = _grounding_samples(annotations, model.start_id)
+    owners, prompts, targets, texts = _grounding_samples(annotations, model.start_id)
+    groups = list(map(expression_group, texts)) if expression_group else None
     height, width = images.shape[2:]
     boxes = predicted_boxes(model, images, owners, prompts, data_cfg, batch_size, num_beams)
     centre = [centre_box(targets, width, height)] * len(targets)
-    return {**grounding_scores(boxes, targets), **_prefixed("centre_box", grounding_scores(centre, targets))}, boxes
+    baseline = _prefixed("centre_box", grounding_scores(centre, targets, groups))
+    return {**grounding_scores(boxes, targets, groups), **baseline}, boxes
 
 
 _COLUMN = {"caption": "captions", "retrieval": "captions", "vqa": "questions", "grounding": "refs"}
 """The annotation column each dataset task is evaluated on (retrieval rows: captioning of their captions)."""
 
 
-def _split_of(loaded: LoadedModel, split: str, data_folder: str | None) -> tuple[str, np.ndarray, dict[str, list]]:
-    """(the checkpoint's dataset task, the split's images, its annotations for that task)."""
+def _split_of(loaded: LoadedModel, split: str, data_folder: str | None) -> tuple[str, str, np.ndarray, dict[str, list]]:
+    """(the checkpoint's dataset task, the dataset's folder, the split's images, its annotations for that task)."""
     task = loaded.meta.get("dataset_task")
     if task not in _COLUMN:
         raise CheckpointError(
@@ -356,7 +366,7 @@ def _split_of(loaded: LoadedModel, split: str, data_folder: str | None) -> tuple
     column = _COLUMN[task]
     if column not in annotations:
         raise DatasetError(f"{folder}: has no {column!r} column to evaluate a model trained on {task} rows")
-    return task, images, annotations
+    return task, folder, images, annotations
 
 
 def evaluate_generation_split(
@@ -364,17 +374,19 @@ def evaluate_generation_split(
 ) -> dict[str, float]:
     """The task's metrics and baseline of a loaded generative checkpoint on ``split`` of its dataset (or of
     ``data_folder``): captioning on caption and retrieval datasets (on retrieval datasets also Recall@K of
-    the contrastive embeddings), VQA, or grounding, by the dataset task the checkpoint was trained on."""
-    task, images, annotations = _split_of(loaded, split, data_folder)
+    the contrastive embeddings), VQA, or grounding, by the dataset task the checkpoint was trained on. On the
+    scenes set, retrieval and grounding are also reported per kind of caption / referring expression."""
+    task, folder, images, annotations = _split_of(loaded, split, data_folder)
     data_cfg = loaded.config.data
     if task == "vqa":
         vocabulary = loaded.class_names if loaded.model.params.rank_answers and loaded.class_names else None
         return evaluate_vqa(loaded.model, images, annotations, data_cfg, batch_size, vocabulary=vocabulary)[0]
     if task == "grounding":
-        return evaluate_grounding(loaded.model, images, annotations, data_cfg, batch_size)[0]
+        group = scenes_text_kind(folder, expression_kind)
+        return evaluate_grounding(loaded.model, images, annotations, data_cfg, batch_size, expression_group=group)[0]
     metrics = evaluate_captioning(loaded.model, images, annotations, data_cfg, batch_size)[0]
     if task == "retrieval":  # Recall@K both ways: contrastive, and re-ranked by the matching head (itm/*)
-        text_group = scenes_caption_kind(data_folder or dataset_dir(loaded.config))
+        text_group = scenes_text_kind(folder, caption_kind)
         rerank_k = loaded.model.params.rerank_k
         metrics |= evaluate_retrieval(loaded.model, images, annotations, data_cfg, batch_size, text_group, rerank_k)
     return metrics
@@ -385,7 +397,7 @@ def generation_samples_figure(
 ) -> Figure:
     """A grid of the first ``count`` images of ``split`` with the model's caption, answer (to each image's first
     question) or box (for each image's first expression) next to the reference."""
-    task, images, annotations = _split_of(loaded, split, data_folder)
+    task, _, images, annotations = _split_of(loaded, split, data_folder)
     model, data_cfg = loaded.model, loaded.config.data
     images = images[:count]
     annotations = {key: values[:count] for key, values in annotations.items()}

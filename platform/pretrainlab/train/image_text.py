@@ -185,10 +185,11 @@ def _matching_head_scores(
     return image_to_text, text_to_image
 
 
-def scenes_caption_kind(folder: str) -> Callable[[str], str] | None:
-    """:func:`~pretrainlab.data.scenes.language.caption_kind` for a dataset this scenes generator wrote, else None."""
+def scenes_text_kind(folder: str, kind: Callable[[str], str]) -> Callable[[str], str] | None:
+    """``kind`` (a function of :mod:`pretrainlab.data.scenes.language` that names the kind of a text, such as
+    ``caption_kind``) for a dataset this scenes generator wrote, else None."""
     generated_by = load_manifest(folder).get("metadata", {}).get("generator")
-    return caption_kind if generated_by == GENERATOR_VERSION else None
+    return kind if generated_by == GENERATOR_VERSION else None
 
 
 def evaluate_retrieval_split(
@@ -198,5 +199,5 @@ def evaluate_retrieval_split(
     the scenes set, text->image Recall@K also per kind of caption (``t2i_r1/spatial_relation``, ...)."""
     folder = data_folder or dataset_dir(loaded.config)
     images, annotations = load_split_annotated(folder, split)
-    text_group = scenes_caption_kind(folder)
+    text_group = scenes_text_kind(folder, caption_kind)
     return evaluate_retrieval(loaded.model, images, annotations, loaded.config.data, batch_size, text_group)

@@ -301,6 +301,41 @@ def caption_kind(text: str) -> str:
     raise ValueError(f"not a caption of the scenes grammar: {text!r}")
 
 
+EXPRESSION_KINDS = (*("-".join(subset) for subset in ATTRIBUTE_SUBSETS), "relation")
+"""The kinds of referring expression, as :func:`expression_kind` names them: the attributes a lone description
+names ("size-color"), or "relation" (a description related to a landmark)."""
+
+
+def expression_kind(text: str) -> str:
+    """Which kind of referring expression of this grammar ``text`` is, one of ``EXPRESSION_KINDS``.
+
+    Raises:
+        ValueError: ``text`` is no referring expression of this grammar's forms.
+    """
+    if text.startswith("the "):
+        head = text.removeprefix("the ")
+        for relation in SPATIAL_RELATIONS:
+            target, found, landmark = head.partition(f" {relation} the ")
+            if found and _named_attributes(target) and _named_attributes(landmark):
+                return "relation"
+        if named := _named_attributes(head):
+            return "-".join(named)
+    raise ValueError(f"not a referring expression of the scenes grammar: {text!r}")
+
+
+def _named_attributes(phrase: str) -> tuple[str, ...]:
+    """The attributes a singular description (``[size] [color] (shape | "object")``) names, in speaking order;
+    () when ``phrase`` is no such description."""
+    words = phrase.split(" ")
+    named = []
+    for attribute in ATTRIBUTES:
+        if words and words[0] in VALUES[attribute]:
+            named.append(attribute)
+            words.pop(0)
+    complete = words == [] if named[-1:] == ["shape"] else words == [NOUN]
+    return tuple(named) if named and complete else ()
+
+
 def _listing(objects: Sequence[SceneObject]) -> Listing:
     return Listing(tuple(Description.of(o) for o in sorted(objects, key=lambda o: o.center[0])))
 

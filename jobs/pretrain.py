@@ -24,6 +24,9 @@ next to the shuffled-image baseline (``test/shuffled/t2i_r1``, ...); for generat
 the metrics of the task the dataset teaches (captioning BLEU-4 / CIDEr, VQA accuracy, grounding
 accuracy at IoU 0.5) next to its baseline (shuffled images, question only, centre box) on the same
 splits, and a picture of test predictions (``evaluation/test/samples.png``).
+
+A run whose training loss turns NaN or infinite stops before that epoch's checkpoint: the job
+prints the error (the step, what to change) and exits 1; its MLflow run is marked FAILED.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ from pretrainlab.train.evaluate import evaluate_checkpoint
 from pretrainlab.train.generation_eval import evaluate_generation_split, generation_samples_figure
 from pretrainlab.train.image_text import evaluate_retrieval_split
 from pretrainlab.train.probe import checkpoint_features, knn_accuracies
-from pretrainlab.train.trainer import EXPERIMENT_ERRORS, build_trainer, check_experiment
+from pretrainlab.train.trainer import EXPERIMENT_ERRORS, build_trainer, check_experiment, divergence
 
 FINAL_KNN_KS = (20, 200)
 FINAL_KNN_T = 0.07
@@ -217,9 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     trainer = build_trainer(cfg, run_name, data_folder, {"uri": tracking_uri, "run_id": run_id})
     try:
         result = trainer.fit()
-    except BaseException:
+    except BaseException as err:
         client.set_terminated(run_id, "FAILED")
-        raise
+        if (diverged := divergence(err)) is None:
+            raise
+        print(f"error: {diverged}", file=sys.stderr)
+        return 1
     score = cfg.train.checkpoint.score_metric
     step = int(result.metrics["step"])
     with best_good_checkpoint(result, score, cfg.train.checkpoint.score_mode) as (best, best_metrics, folder):

@@ -14,7 +14,7 @@ from conftest import CONFIGS, use_project
 from pretrainlab.data.catalog import dataset_info
 from pretrainlab.tracking.mlflow import RUN_NAME_TAG
 from pretrainlab.train.checkpoint import load_checkpoint
-from pretrainlab.train.loop import steps_per_epoch
+from pretrainlab.train.loop import TrainingDiverged, finite_mean_loss, steps_per_epoch
 
 CONFIG = str(CONFIGS / "test-resnet_2xb32_digits.yaml")
 
@@ -160,6 +160,28 @@ def test_resume_continues_the_same_mlflow_run(recipe_run):
     assert [m.value for m in epochs] == [1.0, 2.0]  # epoch 1 was not trained again
     assert epochs[1].step > recipe_run.first_steps[0]
     assert "train.epochs: 1 -> 2" in run.data.tags["pretrainlab.changed_on_resume"]
+
+
+def test_finite_mean_loss_passes_a_finite_window_and_names_a_diverged_one():
+    assert finite_mean_loss(torch.tensor(6.0), 3, step=10, epoch=1) == 2.0
+    for bad in (float("nan"), float("inf")):
+        window = torch.tensor(1.0) + bad  # one bad micro-batch spoils the window's sum
+        message = rf"train/loss is {bad} over the 4 micro-batches up to step 7 \(epoch 2\)"
+        with pytest.raises(TrainingDiverged, match=message):
+            finite_mean_loss(window, 4, step=7, epoch=2)
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_no_checkpoint(project, capsys):
+    overrides = ("optim.lr=1e6", "train.epochs=1", "train.log_every_n_steps=2")
+    assert pretrain("--run-name", "diverges", *[arg for o in overrides for arg in ("--set", o)]) == 1
+    err = capsys.readouterr().err
+    assert "error: training diverged: train/loss is " in err and "so epoch 1 writes no checkpoint" in err, err
+    assert "Traceback" not in err
+    client = MlflowClient()
+    run = only_run(client)
+    assert run.info.status == "FAILED"
+    assert "checkpoint" not in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert not client.search_model_versions("name = 'digits-classifier'")
 
 
 def test_unreachable_tracking_server_is_named(project, monkeypatch, capsys):

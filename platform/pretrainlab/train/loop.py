@@ -12,10 +12,13 @@ before it) restores model, EMA, optimizer, scheduler, epoch, step and RNG state;
 config's learning rate, weight decay and momentum then apply again, so a PBT trial that
 copied another trial's checkpoint trains with its own new hyperparameters (the copy is
 recorded in MLflow). The run's tag ``ray.worker_nodes`` lists each rank's Ray node.
+A NaN or infinite training loss, which every rank checks at each logging step and at the
+end of each epoch, stops the run (``TrainingDiverged``) before that epoch's checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from collections.abc import Iterator
@@ -47,6 +50,23 @@ from pretrainlab.train.resume import load_resumable
 from pretrainlab.train.schedule import build_scheduler
 from pretrainlab.train.session import LoopSession, TrainWorkerSession
 from pretrainlab.train.steps import Stepper, build_ema, compile_forward, unwrap
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite: the run stops rather than train and checkpoint on."""
+
+
+def finite_mean_loss(window_loss: torch.Tensor | float, micro_batches: int, step: int, epoch: int) -> float:
+    """The mean loss of the last ``micro_batches`` micro-batches, up to optimizer step ``step`` of ``epoch``
+    (1-based); raises ``TrainingDiverged`` when it is NaN or infinite (a NaN in any of them makes the sum NaN)."""
+    mean = float(window_loss) / micro_batches
+    if not math.isfinite(mean):
+        raise TrainingDiverged(
+            f"training diverged: train/loss is {mean} over the {micro_batches} micro-batches up to step {step} "
+            f"(epoch {epoch}), so epoch {epoch} writes no checkpoint. Lower optim.lr or set optim.clip_grad, then "
+            "run again (the same --run-name resumes from the last checkpoint)"
+        )
+    return mean
 
 
 def steps_per_epoch(train_count: int, batch_size: int, num_workers: int, accumulate_steps: int = 1) -> int:
@@ -237,18 +257,22 @@ def run_loop(loop_config: dict[str, Any], session: LoopSession) -> None:
             loss, stepped = stepper.micro_batch(_to_device(batch, channels_last))
             window_loss += loss
             window_batches += 1
-            if stepped and logger is not None and stepper.step % cfg.train.log_every_n_steps == 0:
-                elapsed = time.perf_counter() - window_start
-                logger.log(
-                    {
-                        "train/loss": float(window_loss) / window_batches,
-                        "train/lr": max(group["lr"] for group in optimizer.param_groups),
-                        "train/throughput": window_batches * cfg.train.batch_size * world / elapsed,
-                        **{key: float(value) for key, value in stepper.logs.items()},
-                    },
-                    stepper.step,
-                )
+            if stepped and stepper.step % cfg.train.log_every_n_steps == 0:  # every rank checks its loss here
+                mean_loss = finite_mean_loss(window_loss, window_batches, stepper.step, epoch + 1)
+                if logger is not None:
+                    elapsed = time.perf_counter() - window_start
+                    logger.log(
+                        {
+                            "train/loss": mean_loss,
+                            "train/lr": max(group["lr"] for group in optimizer.param_groups),
+                            "train/throughput": window_batches * cfg.train.batch_size * world / elapsed,
+                            **{key: float(value) for key, value in stepper.logs.items()},
+                        },
+                        stepper.step,
+                    )
                 window_start, window_loss, window_batches = time.perf_counter(), 0.0, 0
+        if window_batches:  # the steps since the last log: no checkpoint of a diverged epoch
+            finite_mean_loss(window_loss, window_batches, stepper.step, epoch + 1)
         epoch_time = time.perf_counter() - epoch_start
 
         candidates = {"raw": stepper.model} if ema is None else {"raw": stepper.model, "ema": ema.module}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ray
 from ray.data import DataContext
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback, WorkerGroupError
 from ray.train.torch import TorchTrainer
 
 from pretrainlab.config import ExperimentConfig
@@ -19,11 +19,17 @@ from pretrainlab.models.interop import InteropError
 from pretrainlab.paths import resolve
 from pretrainlab.storage import StorageError, check_storage
 from pretrainlab.strategies import get_strategy
-from pretrainlab.train.loop import train_loop_per_worker
+from pretrainlab.train.loop import TrainingDiverged, train_loop_per_worker
 
 TRAIN_SPLITS = ("train", "val")
 EXPERIMENT_ERRORS = (DatasetError, BackboneError, InteropError, PipelineError, StorageError)
 """What :func:`check_experiment` raises; each message names the file, key or value at fault."""
+
+
+def divergence(error: BaseException) -> TrainingDiverged | None:
+    """The ``TrainingDiverged`` of a worker when ``error`` (from ``TorchTrainer.fit``) comes from one, else None."""
+    failures = error.worker_failures.values() if isinstance(error, WorkerGroupError) else ()
+    return next((failure for failure in failures if isinstance(failure, TrainingDiverged)), None)
 
 
 def wants_gpu(cfg: ExperimentConfig) -> bool:

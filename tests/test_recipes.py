@@ -55,6 +55,28 @@ def stepper_for(model, optim: OptimConfig, train: TrainConfig, ema=None) -> Step
     return Stepper(model, optimizer, scheduler, train, CPU, ema=ema)
 
 
+def test_bf16_autocast_on_cpu_trains_in_bfloat16_and_learns():
+    model = vit_classifier()
+    seen = []
+    model.backbone.blocks[0].attn.qkv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    stepper = stepper_for(model, OptimConfig(name="adamw", lr=1e-3), TrainConfig(amp="bf16"))
+    losses = [float(stepper.micro_batch(batch(n=32))[0]) for _ in range(30)]
+    assert set(seen) == {torch.bfloat16} and stepper.scaler is None
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay fp32
+    assert losses[-1] < 0.5 * losses[0], losses
+    seen.clear()
+    stepper_for(model, OptimConfig(), TrainConfig(amp="auto")).micro_batch(batch())  # auto: fp32 on CPU
+    stepper_for(model, OptimConfig(), TrainConfig(amp="off")).micro_batch(batch())
+    assert seen == [torch.float32, torch.float32]
+
+
+def test_fp16_is_refused_on_cpu():
+    with pytest.raises(ValueError, match="amp: fp16 needs a GPU and use_gpu is false"):
+        TrainConfig(amp="fp16", use_gpu=False)
+    with pytest.raises(ValueError, match=r"train.amp: fp16 needs a GPU \(this worker runs on cpu\)"):
+        stepper_for(vit_classifier(), OptimConfig(), TrainConfig(amp="fp16"))
+
+
 def test_mixup_and_cutmix_give_soft_targets_that_sum_to_one():
     cfg = DataConfig(mixup=MixupConfig(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=1.0))
     mixup = build_mixup(cfg, num_classes=10, label_smoothing=0.1)

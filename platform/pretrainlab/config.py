@@ -269,11 +269,23 @@ class TrainConfig(_Section):
         "PACK", description="How the workers' resource bundles spread over nodes; STRICT_SPREAD: one per node."
     )
     use_gpu: bool | Literal["auto"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto",
+        description="Mixed precision of training steps and validation (torch.autocast). auto: on GPU bf16 where "
+        "supported, else fp16 with a grad scaler; on CPU full precision. bf16 on CPU pays off where the CPU has "
+        "AMX or AVX-512 BF16 units (benchmarks/cpu_amp.py); fp16 needs a GPU.",
+    )
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts allowed; -1 retries forever.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     storage_path: str = Field("runs", description="Ray Train storage (relative to PRETRAINLAB_HOME or a URI).")
     log_every_n_steps: int = Field(10, ge=1)
     eval_batch_size: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _fp16_needs_a_gpu(self) -> TrainConfig:
+        if self.amp == "fp16" and self.use_gpu is False:
+            raise ValueError("amp: fp16 needs a GPU and use_gpu is false; use bf16 or off on CPU")
+        return self
 
 
 class RuntimeConfig(_Section):

@@ -25,13 +25,24 @@ def compile_forward(model: nn.Module, mode: str | None) -> nn.Module:
     return model
 
 
-def autocast_for(device: torch.device) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler | None]:
-    """AMP on GPU (bf16 where supported, else fp16 with a grad scaler); full precision on CPU."""
-    if device.type != "cuda":
+def autocast_for(
+    device: torch.device, amp: str = "auto"
+) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler | None]:
+    """The autocast context and grad scaler of ``train.amp`` on ``device``: ``auto`` is bf16 on a GPU that
+    supports it, fp16 with a grad scaler on other GPUs, full precision on CPU; ``bf16`` and ``fp16`` ask for
+    that type (fp16 only on GPU, with a grad scaler); ``off`` is full precision."""
+    cuda = device.type == "cuda"
+    if amp == "auto":
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "off"
+    if amp == "off":
         return contextlib.nullcontext(), None
-    if torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16), None
-    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+    if amp == "fp16":
+        if not cuda:
+            raise ValueError(f"train.amp: fp16 needs a GPU (this worker runs on {device.type}); use bf16 or off")
+        return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+    if cuda and not torch.cuda.is_bf16_supported():
+        raise ValueError("train.amp: bf16 is not supported by this GPU; use fp16 or auto")
+    return torch.autocast(device.type, dtype=torch.bfloat16), None
 
 
 def build_ema(model: nn.Module, cfg: EmaConfig | None) -> ModelEmaV3 | None:
@@ -66,7 +77,7 @@ class Stepper:
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
         self.cfg, self.device = cfg, device
-        self.autocast, self.scaler = autocast_for(device)
+        self.autocast, self.scaler = autocast_for(device, cfg.amp)
         self.step, self.total_steps = step, total_steps
         self.pending = 0
         self.logs: dict[str, float] = {}

@@ -346,7 +346,8 @@ def evaluate_grounding(
     height, width = images.shape[2:]
     boxes = predicted_boxes(model, images, owners, prompts, data_cfg, batch_size, num_beams)
     centre = [centre_box(targets, width, height)] * len(targets)
-    baseline = _prefixed("centre_box", grounding_scores(centre, targets, groups))
+    baseline = grounding_scores(centre, targets, groups)
+    baseline = _prefixed("centre_box", {key: v for key, v in baseline.items() if not key.startswith("samples/")})
     return {**grounding_scores(boxes, targets, groups), **baseline}, boxes
 
 

@@ -46,7 +46,21 @@ class InitFromConfig(_Section):
         "torchvision / timm: a state dict file (.pth, .bin, .safetensors) with that library's key names.",
     )
     path: str = Field(min_length=1, description="Folder, file or MLflow URI, as source says.")
-    strict: bool = Field(True, description="Fail, listing the keys, unless every backbone weight fits exactly.")
+    scope: Literal["backbone", "model"] = Field(
+        "backbone",
+        description="backbone: only the backbone's weights (fine-tuning to other classes); model (source "
+        "pretrainlab): every weight the model shares with the checkpoint, e.g. a BLIP model trained on one task "
+        "(encoders, decoder) going on to another; the checkpoint's other tensors (its task's heads) are dropped.",
+    )
+    strict: bool = Field(
+        True, description="Fail, listing the keys, unless every weight in scope comes from the checkpoint and fits."
+    )
+
+    @model_validator(mode="after")
+    def _model_scope_needs_a_pretrainlab_checkpoint(self) -> InitFromConfig:
+        if self.scope == "model" and self.source != "pretrainlab":
+            raise ValueError(f"scope 'model' needs source 'pretrainlab' (a {self.source} file holds only a backbone)")
+        return self
 
 
 class ModelConfig(_Section):

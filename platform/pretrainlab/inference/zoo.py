@@ -38,7 +38,7 @@ from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.shards import load_manifest, shard_paths
 from pretrainlab.inference.inputs import InputPreprocessor
 from pretrainlab.inference.loading import MLFLOW_SCHEMES, load_model
-from pretrainlab.strategies import STRATEGIES, get_strategy
+from pretrainlab.strategies import STRATEGIES, build_model, get_strategy
 from pretrainlab.tracking.mlflow import TrackingError, check_tracking, client_for, resolve_tracking_uri
 from pretrainlab.tracking.registry import DEFAULT_ALIAS, alias_holder, open_store
 
@@ -295,7 +295,7 @@ def _random_model(name: str, path: Path, cfg: ExperimentConfig, device: torch.de
     facts = dataset_info(location)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.runtime.seed)
-        model = get_strategy(cfg.strategy).build_model(cfg, facts["num_classes"], facts["in_chans"])
+        model = build_model(cfg, facts["num_classes"], facts["in_chans"])
     model.info = ModelInfo(
         name=name,
         task=model_task(cfg),
@@ -303,9 +303,15 @@ def _random_model(name: str, path: Path, cfg: ExperimentConfig, device: torch.de
         class_names=list(facts["class_names"]),
         in_chans=facts["in_chans"],
         image_size=_image_size(cfg, name),
-        source=f"{path} ({'backbone from ' + cfg.model.init_from.path if cfg.model.init_from else 'random init'})",
+        source=f"{path} ({_init_source(cfg)})",
     )
     return model.to(device).eval()
+
+
+def _init_source(cfg: ExperimentConfig) -> str:
+    """Where a zoo model's weights start: ``random init`` or the ``model.init_from`` it names."""
+    init_from = cfg.model.init_from
+    return "random init" if init_from is None else f"{init_from.scope} from {init_from.path}"
 
 
 def _image_size(cfg: ExperimentConfig, name: str) -> tuple[int, int] | None:

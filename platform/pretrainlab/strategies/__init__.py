@@ -3,6 +3,7 @@
 Each strategy module provides:
 
 - ``build_model(cfg, num_classes, in_chans, load_init_from=True)`` returning an ``nn.Module``
+  (call it through :func:`build_model` here, which also applies ``model.init_from.scope: model``)
   with a ``backbone`` (the network that is kept: headless, ``N x C x H x W`` images to
   ``N x D`` features) and a ``forward(batch)`` that returns a dict with at least ``"loss"``
   while training; other scalar entries named ``"log/<name>"`` are logged as ``train/<name>``;
@@ -25,6 +26,11 @@ import importlib
 import pkgutil
 from types import ModuleType
 
+from torch import nn
+
+from pretrainlab.config import ExperimentConfig
+from pretrainlab.models.init import initialize_model
+
 SHARED_MODULES = ("common",)
 """Modules of this package that strategies share; every other module is a strategy of its own name."""
 
@@ -39,3 +45,16 @@ def get_strategy(name: str) -> ModuleType:
     if name not in STRATEGIES:
         raise ValueError(f"strategy: unknown {name!r}; valid: {', '.join(STRATEGIES)}")
     return importlib.import_module(f"pretrainlab.strategies.{name}")
+
+
+def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_init_from: bool = True) -> nn.Module:
+    """``cfg.strategy``'s model, started from ``model.init_from`` when set (and ``load_init_from``).
+
+    The strategy loads a backbone-scoped ``init_from`` itself; ``scope: model`` is loaded here, into the whole
+    model, and its report replaces ``model.init_report``.
+    """
+    model = get_strategy(cfg.strategy).build_model(cfg, num_classes, in_chans, load_init_from)
+    init_from = cfg.model.init_from
+    if load_init_from and init_from is not None and init_from.scope == "model":
+        model.init_report = initialize_model(model, init_from, cfg.runtime.tracking_uri)
+    return model

@@ -33,7 +33,7 @@ from pretrainlab.config import CheckpointConfig, ExperimentConfig
 from pretrainlab.data.pipeline import Preprocessor, build_mixup, to_model_inputs, training_batches
 from pretrainlab.models.backbones import uses_convolutions
 from pretrainlab.models.interop import LoadReport
-from pretrainlab.strategies import get_strategy
+from pretrainlab.strategies import build_model, get_strategy
 from pretrainlab.tracking.mlflow import MetricLogger, client_for
 from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.train.evaluate import (
@@ -200,8 +200,7 @@ def run_loop(loop_config: dict[str, Any], session: LoopSession) -> None:
     device = session.device
 
     restored = session.get_checkpoint()
-    strategy = get_strategy(cfg.strategy)
-    model = strategy.build_model(cfg, info["num_classes"], info["in_chans"], load_init_from=restored is None)
+    model = build_model(cfg, info["num_classes"], info["in_chans"], load_init_from=restored is None)
     channels_last = device.type == "cuda" and uses_convolutions(model.backbone)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

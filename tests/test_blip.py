@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CONFIGS
-from pretrainlab.config import load_config, validate
+from pretrainlab.config import InitFromConfig, load_config, validate
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.pipeline import Preprocessor, to_model_inputs
 from pretrainlab.data.scenes import write_scenes
@@ -36,7 +36,8 @@ from pretrainlab.inference.zoo import ModelInfo
 from pretrainlab.models.box_head import CellBoxHead
 from pretrainlab.models.generation import beam_search
 from pretrainlab.models.text import filled_length
-from pretrainlab.strategies import get_strategy
+from pretrainlab.strategies import build_model, get_strategy
+from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.train.optim import build_optimizer
 from pretrainlab.train.trainer import check_experiment
 
@@ -414,6 +415,27 @@ def test_box_head_trains_on_grounding_datasets_only(project, scenes):
     check_experiment(tiny_config(scenes["grounding"], box_head=True))
     with pytest.raises(DatasetError, match="strategy_params.box_head: .* is a vqa dataset; a box head trains on"):
         check_experiment(tiny_config(scenes["vqa"], box_head=True))
+
+
+def test_a_vqa_model_starts_from_a_grounding_checkpoint_with_model_scope(scenes, tmp_path):
+    """``model.init_from.scope: model``: encoders and decoder come from the grounding model, its box head is
+    dropped, and the VQA model trains on from there."""
+    torch.manual_seed(0)
+    grounding_cfg = tiny_config(scenes["grounding"], box_head=True)
+    grounding = get_strategy("blip").build_model(grounding_cfg, 0, 3)
+    dataset = {"class_names": [], "num_classes": 0, "in_chans": 3}
+    save_checkpoint(
+        tmp_path / "checkpoint", grounding.state_dict(), checkpoint_meta(grounding_cfg, dataset, 1, 9, {}, None)
+    )
+    vqa_cfg = tiny_config(scenes["vqa"])
+    vqa_cfg.model.init_from = InitFromConfig(path=str(tmp_path / "checkpoint"), scope="model")
+    torch.manual_seed(1)
+    vqa = build_model(vqa_cfg, 0, 3)
+    report, trained = vqa.init_report, grounding.state_dict()
+    assert vqa.box_head is None and report.complete and report.family == "pretrainlab test_resnet"
+    assert report.dropped_head == sorted(key for key in trained if key.startswith("box_head."))
+    assert all(torch.equal(value, trained[key]) for key, value in vqa.state_dict().items())
+    assert math.isfinite(vqa(batch_of(vqa_cfg, scenes["vqa"], 8))["loss"].item())
 
 
 def test_a_batch_of_several_questions_per_image_equals_one_row_per_question(scenes):

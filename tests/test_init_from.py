@@ -17,8 +17,9 @@ import torchvision
 from torch import nn
 
 from conftest import CONFIGS
-from pretrainlab.config import InitFromConfig, load_config
+from pretrainlab.config import ConfigError, InitFromConfig, load_config
 from pretrainlab.models.interop import InteropError, from_torchvision
+from pretrainlab.strategies import build_model as build_any_model
 from pretrainlab.strategies.supervised import ImageClassifier, build_model
 from pretrainlab.tracking.mlflow import client_for, ensure_experiment, register_checkpoint
 from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
@@ -27,13 +28,15 @@ REGISTERED = "init-from-test"
 IMAGENET_WEIGHTS = "mobilenet_v2-b0353104.pth"  # torchvision's file name: the sha256 starts with b0353104
 
 
-def config(backbone: str, source: str | None = None, path: str | os.PathLike = "", strict: bool = True):
+def config(
+    backbone: str, source: str | None = None, path: str | os.PathLike = "", strict: bool = True, scope="backbone"
+):
     """The digits smoke config with another backbone (its own stem) and, with ``source``, a ``model.init_from``."""
     cfg = load_config(CONFIGS / "test-resnet_2xb32_digits.yaml")
     cfg.model.backbone = backbone
     cfg.model.stem_stride = None
     if source is not None:
-        cfg.model.init_from = InitFromConfig(source=source, path=str(path), strict=strict)
+        cfg.model.init_from = InitFromConfig(source=source, path=str(path), strict=strict, scope=scope)
     return cfg
 
 
@@ -164,6 +167,43 @@ def test_loading_a_checkpoint_next_skips_init_from(tmp_path):
     cfg = config("test_resnet", "pretrainlab", tmp_path / "gone")
     assert build_model(cfg, num_classes=5, in_chans=1, load_init_from=False).init_report is None
     assert build_model(config("test_resnet"), num_classes=5, in_chans=1).init_report is None
+
+
+# scope: model --------------------------------------------------------------------------------
+
+
+def test_model_scope_loads_every_weight_head_included(checkpoint):
+    folder, source = checkpoint
+    model = build_any_model(config("test_resnet", "pretrainlab", folder, scope="model"), num_classes=10, in_chans=1)
+    report = model.init_report
+    assert report.complete and report.dropped_head == [] and len(report.loaded) == len(source.state_dict())
+    expected = source.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
+    assert any(note.startswith("scope model: every weight") for note in report.notes)
+
+
+def test_model_scope_strict_refuses_a_head_of_another_shape_non_strict_keeps_it_fresh(checkpoint):
+    folder, source = checkpoint
+    with pytest.raises(
+        InteropError, match=r"(?s)^model\.init_from\.path: .*shape mismatch: head\.fc\.bias file \[10\]"
+    ):
+        build_any_model(config("test_resnet", "pretrainlab", folder, scope="model"), num_classes=5, in_chans=1)
+    cfg = config("test_resnet", "pretrainlab", folder, strict=False, scope="model")
+    model = build_any_model(cfg, num_classes=5, in_chans=1)
+    assert {key for key, _, _ in model.init_report.mismatched} == {"head.fc.bias", "head.fc.weight"}
+    assert backbone_equals(model, source.backbone.state_dict()) and model.head.fc.weight.shape[0] == 5
+
+
+def test_the_strategy_alone_leaves_model_scope_to_the_package_builder(checkpoint):
+    cfg = config("test_resnet", "pretrainlab", checkpoint[0], scope="model")
+    assert build_model(cfg, num_classes=10, in_chans=1).init_report is None
+    assert build_any_model(cfg, num_classes=10, in_chans=1, load_init_from=False).init_report is None
+
+
+def test_model_scope_needs_a_pretrainlab_checkpoint():
+    overrides = ["model.init_from.source=torchvision", "model.init_from.path=w.pth", "model.init_from.scope=model"]
+    with pytest.raises(ConfigError, match=r"model\.init_from.*scope 'model' needs source 'pretrainlab'"):
+        load_config(CONFIGS / "test-resnet_2xb32_digits.yaml", overrides)
 
 
 # torchvision MobileNetV2 ---------------------------------------------------------------------

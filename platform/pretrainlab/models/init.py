@@ -68,7 +68,7 @@ def initialize_model(model: nn.Module, init_from: InitFromConfig, tracking_uri: 
         report.dropped_head = sorted(k for k in checkpoint.weights if k not in own)
         report.notes.append(
             "scope model: every weight the model shares with the checkpoint is loaded; the checkpoint's other "
-            f"tensors are dropped (it was trained with strategy {checkpoint.meta.get('config', {}).get('strategy')})"
+            f"tensors are dropped (strategy {checkpoint.meta.get('strategy', '?')})"
         )
         shared = {k: v for k, v in checkpoint.weights.items() if k in own}
         return load_into_backbone(model, shared, report, init_from.strict)

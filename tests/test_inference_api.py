@@ -26,9 +26,11 @@ from pretrainlab.data.builtin import prepare_builtin
 from pretrainlab.data.dataset import load_split_numpy
 from pretrainlab.data.transforms import normalize
 from pretrainlab.inference.inferencers import inferencer_for
-from pretrainlab.inference.loading import load_model
+from pretrainlab.inference.loading import CHECKPOINT_CACHE, fetch_checkpoint, load_model
 from pretrainlab.models.backbones import feature_dim
+from pretrainlab.paths import project_home
 from pretrainlab.tracking.mlflow import client_for, ensure_experiment, register_checkpoint
+from pretrainlab.train.checkpoint import load_checkpoint, save_checkpoint
 from pretrainlab.train.evaluate import evaluate_checkpoint, predict
 
 DIGITS = "test-resnet_2xb32_digits"
@@ -175,6 +177,27 @@ def test_get_model_from_every_kind_of_source(zoo):
         model = pretrainlab.get_model(source, device="cpu")
         assert not model.training and weights_equal(model, expected), source
         assert model.info.name == str(source) and model.info.task == "classification"
+
+
+def test_mlflow_checkpoints_are_fetched_once_without_their_training_state(zoo, tmp_path):
+    trained = load_checkpoint(zoo.trained)
+    save_checkpoint(tmp_path / "resumable", trained.weights, trained.meta, {"step": torch.tensor(40)})
+    client = client_for(f"sqlite:///{project_home()}/mlflow.db")
+    run_id = logged_run(client, {"strategy": "supervised"})
+    client.log_artifacts(run_id, str(tmp_path / "resumable"), "checkpoint")
+
+    folder = fetch_checkpoint(f"runs:/{run_id}/checkpoint")
+    assert folder.parent == project_home() / CHECKPOINT_CACHE
+    assert sorted(path.name for path in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert fetch_checkpoint("models:/digits-classifier@champion") == folder  # the same checkpoint, kept once
+    assert fetch_checkpoint(f"runs:/{zoo.runs['trained']}/checkpoint") == folder
+    assert fetch_checkpoint("models:/digits-classifier/2") != folder  # scratch
+    written = (folder / "model.safetensors").stat().st_mtime_ns
+    assert weights_equal(load_model(f"runs:/{run_id}/checkpoint").model, zoo.trained)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == written  # not downloaded again
+    assert sorted(path.name for path in folder.parent.iterdir()) == sorted(
+        {folder.name, fetch_checkpoint("models:/digits-classifier/2").name}
+    )
 
 
 def test_get_model_errors(zoo):

@@ -29,7 +29,8 @@ from pathlib import Path
 import pretrain
 
 from pretrainlab.config import ConfigError, ExperimentConfig, load_config
-from pretrainlab.inference.loading import MLFLOW_SCHEMES, fetch_checkpoint
+from pretrainlab.inference.loading import fetch_checkpoint
+from pretrainlab.paths import MLFLOW_SCHEMES
 from pretrainlab.tracking.mlflow import (
     TrackingError,
     check_tracking,

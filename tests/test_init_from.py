@@ -29,7 +29,7 @@ IMAGENET_WEIGHTS = "mobilenet_v2-b0353104.pth"  # torchvision's file name: the s
 
 
 def config(
-    backbone: str, source: str | None = None, path: str | os.PathLike = "", strict: bool = True, scope="backbone"
+    backbone: str, source: str | None = None, path: str | os.PathLike = "", strict: bool = True, scope: str = "backbone"
 ):
     """The digits smoke config with another backbone (its own stem) and, with ``source``, a ``model.init_from``."""
     cfg = load_config(CONFIGS / "test-resnet_2xb32_digits.yaml")

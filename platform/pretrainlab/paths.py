@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 HOME_ENV = "PRETRAINLAB_HOME"
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+"""Prefixes of a checkpoint held by MLflow (a registered model version or a run's artifacts), not a path."""
 
 
 def project_home() -> Path:

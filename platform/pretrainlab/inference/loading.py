@@ -17,12 +17,11 @@ from mlflow.store.artifact.utils.models import get_model_name_and_version
 from torch import nn
 
 from pretrainlab.config import ExperimentConfig
-from pretrainlab.paths import project_home
+from pretrainlab.paths import MLFLOW_SCHEMES, project_home
 from pretrainlab.strategies import get_strategy
 from pretrainlab.tracking.mlflow import client_for, resolve_tracking_uri
 from pretrainlab.train.checkpoint import META_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint, verify_checkpoint
 
-MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 CHECKPOINT_CACHE = ".cache/checkpoints"
 """Checkpoints fetched from MLflow, under ``PRETRAINLAB_HOME``; safe to delete."""
 

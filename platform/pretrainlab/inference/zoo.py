@@ -37,7 +37,8 @@ from pretrainlab.data.catalog import dataset_info, dataset_location, prepared_lo
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.shards import load_manifest, shard_paths
 from pretrainlab.inference.inputs import InputPreprocessor
-from pretrainlab.inference.loading import MLFLOW_SCHEMES, load_model
+from pretrainlab.inference.loading import load_model
+from pretrainlab.paths import MLFLOW_SCHEMES
 from pretrainlab.strategies import STRATEGIES, build_model, get_strategy
 from pretrainlab.tracking.mlflow import TrackingError, check_tracking, client_for, resolve_tracking_uri
 from pretrainlab.tracking.registry import DEFAULT_ALIAS, alias_holder, open_store

@@ -22,7 +22,7 @@ from torch import nn
 from pretrainlab.config import ExperimentConfig, InitFromConfig
 from pretrainlab.models.backbones import create_backbone
 from pretrainlab.models.interop import InteropError, LoadReport, load_into_backbone, load_pretrained_backbone
-from pretrainlab.paths import resolve
+from pretrainlab.paths import MLFLOW_SCHEMES, resolve
 from pretrainlab.train.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 
 CONFIG_KEY = "model.init_from.path"
@@ -78,7 +78,7 @@ def initialize_model(model: nn.Module, init_from: InitFromConfig, tracking_uri: 
 
 def _resolved(init_from: InitFromConfig) -> InitFromConfig:
     """``init_from`` with a relative folder or file made relative to ``PRETRAINLAB_HOME``."""
-    if init_from.path.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+    if init_from.path.startswith(MLFLOW_SCHEMES):
         return init_from
     return init_from.model_copy(update={"path": resolve(init_from.path)})
 

@@ -13,10 +13,9 @@ from pretrainlab.data.dataset import read_split
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.pipeline import augment_in_ray_data, batch_blocks
 from pretrainlab.data.transforms import PipelineError, eval_pipeline, train_views
-from pretrainlab.inference.loading import MLFLOW_SCHEMES
 from pretrainlab.models.backbones import BackboneError
 from pretrainlab.models.interop import InteropError
-from pretrainlab.paths import resolve
+from pretrainlab.paths import MLFLOW_SCHEMES, resolve
 from pretrainlab.storage import StorageError, check_storage
 from pretrainlab.strategies import get_strategy
 from pretrainlab.train.loop import TrainingDiverged, train_loop_per_worker

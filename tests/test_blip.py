@@ -461,6 +461,27 @@ def test_a_batch_of_several_questions_per_image_equals_one_row_per_question(scen
     assert len(owners) == 18
 
 
+@pytest.mark.parametrize("box_head", [False, True])
+def test_prompts_sharing_an_image_generate_and_ground_as_with_one_image_copy_each(scenes, box_head):
+    torch.manual_seed(0)
+    model = get_strategy("blip").build_model(tiny_config(scenes["grounding"], box_head=box_head), 0, 3).eval()
+    images = batch_of(tiny_config(scenes["grounding"]), scenes["grounding"], 3)["image"]
+    owners = torch.tensor([0, 0, 2, 2, 2])  # image 1 has no prompt
+    prompts = [[START, *bpe_ids([f"the {word} box:"])[0]] for word in ("red", "blue", "small", "left", "big")]
+    with torch.no_grad():
+        shared = model.generate(images, prompts, max_new_tokens=6, num_beams=2, owners=owners)
+        copies = model.generate(images[owners], prompts, max_new_tokens=6, num_beams=2)
+        assert [[h.tokens for h in hs] for hs in shared] == [[h.tokens for h in hs] for hs in copies]
+        assert [h.score for hs in shared for h in hs] == pytest.approx([h.score for hs in copies for h in hs], rel=1e-4)
+        boxes = model.predict_boxes(images, prompts, owners=owners)
+        expected = model.predict_boxes(images[owners], prompts)
+    assert [v for box, score in boxes for v in (*box, score)] == pytest.approx(
+        [v for box, score in expected for v in (*box, score)], rel=1e-4, abs=1e-5
+    )
+    with pytest.raises(ValueError, match="got 2 image indices for 5 prompts"):
+        model.generate(images, prompts, max_new_tokens=6, owners=owners[:2])
+
+
 IMAGE_TEXT_CONFIGS = sorted(p.name for p in CONFIGS.glob("*_scenes*.yaml"))
 
 

@@ -28,7 +28,6 @@ import math
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
-from open_clip.transformer import MultimodalTransformer
 from pydantic import Field
 from torch import nn
 
@@ -37,6 +36,7 @@ from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.text import DECODER_VOCAB_SIZE, FIRST_LOCATION_ID, generated_box, tokenizer
 from pretrainlab.metrics.grounding import grounding_scores
 from pretrainlab.models.box_head import CellBoxHead
+from pretrainlab.models.decoder import MultimodalDecoder
 from pretrainlab.models.generation import Hypothesis, beam_search
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
@@ -101,7 +101,7 @@ class BLIP(nn.Module):
             output_dim=params.embed_dim,
             output_tokens=True,
         )
-        self.decoder = MultimodalTransformer(
+        self.decoder = MultimodalDecoder(
             params.width, params.decoder_layers, params.heads, context_length, output_dim=params.width
         )
         nn.init.normal_(self.decoder.text_projection, std=params.width**-0.5)  # open_clip leaves it uninitialised
@@ -137,9 +137,10 @@ class BLIP(nn.Module):
         """L2-normalised ``N x embed_dim`` text embeddings (the contrastive space)."""
         return F.normalize(self.text(tokens[:, : filled_length(tokens)])[0], dim=-1)
 
-    def decode(self, image_tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The decoder's ``N x length x width`` states for token ids ``ids``, each row attending to its image."""
-        return self.decoder(image_tokens, self.text(ids)[1])
+    def decode(self, image_tokens: torch.Tensor, ids: torch.Tensor, owners: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's ``N x length x width`` states for token ids ``ids``, row ``i`` attending to the tokens of
+        image ``owners[i]`` (each image's keys and values computed once), or to image row ``i`` without ``owners``."""
+        return self.decoder(image_tokens, self.text(ids)[1], owners)
 
     def token_logits(self, states: torch.Tensor) -> torch.Tensor:
         """Logits over the decoder vocabulary from decoder states (the tied token embedding)."""
@@ -231,11 +232,14 @@ class BLIP(nn.Module):
         slot, decoded with its image's tokens."""
         owners, filled = self._filled_slots(batch)
         ids, mask = batch["sequence"].flatten(0, 1)[filled], batch["target_mask"].flatten(0, 1)[filled]
-        return self._lm_loss(self.decode(image_tokens[owners[filled]], ids), ids, mask)
+        return self._lm_loss(self.decode(image_tokens, ids, owners[filled]), ids, mask)
 
-    def _box_queries(self, image_tokens: torch.Tensor, prompt_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The decoder's state at the last token of each prompt (``start, EXPRESSION box:``), ``M x width``."""
-        states = self.decode(image_tokens, prompt_ids)
+    def _box_queries(
+        self, image_tokens: torch.Tensor, prompt_ids: torch.Tensor, lengths: torch.Tensor, owners: torch.Tensor
+    ) -> torch.Tensor:
+        """The decoder's state at the last token of each prompt (``start, EXPRESSION box:``) about image
+        ``owners[i]``, ``M x width``."""
+        states = self.decode(image_tokens, prompt_ids, owners)
         return states[torch.arange(len(prompt_ids), device=prompt_ids.device), lengths - 1]
 
     def _grounding_slots(self, batch: dict[str, torch.Tensor], image_tokens: torch.Tensor) -> tuple:
@@ -244,7 +248,7 @@ class BLIP(nn.Module):
         owners, filled = self._filled_slots(batch)
         ids = batch["sequence"].flatten(0, 1)[filled]
         lengths = batch["target_mask"].flatten(0, 1)[filled].int().argmax(dim=1)  # the first location token
-        query = self._box_queries(image_tokens[owners[filled]], ids, lengths)
+        query = self._box_queries(image_tokens, ids, lengths, owners[filled])
         cells, grid = self.image_cells(image_tokens, batch["image"])
         return query, cells[owners[filled]], grid, batch["box"].flatten(0, 1)[filled].float()
 
@@ -297,36 +301,48 @@ class BLIP(nn.Module):
 
     @torch.no_grad()
     def target_log_likelihood(
-        self, image_tokens: torch.Tensor, ids: torch.Tensor, target_mask: torch.Tensor
+        self,
+        image_tokens: torch.Tensor,
+        ids: torch.Tensor,
+        target_mask: torch.Tensor,
+        owners: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per row, the decoder's log-probability of the target tokens of ``ids`` (where ``target_mask``, as
-        :func:`~pretrainlab.data.text.prompted_sequences` marks them), each given the tokens before it."""
+        :func:`~pretrainlab.data.text.prompted_sequences` marks them), each given the tokens before it and the
+        image ``owners[i]`` (row ``i`` without ``owners``) of ``image_tokens``."""
         length = filled_length(ids)
         ids, target_mask = ids[:, :length], target_mask[:, :length]
         taught = target_mask[:, 1:]
-        logits = self.token_logits(self.decode(image_tokens, ids)[:, :-1][taught]).float()
+        logits = self.token_logits(self.decode(image_tokens, ids, owners)[:, :-1][taught]).float()
         picked = logits.log_softmax(dim=1).gather(1, ids[:, 1:][taught][:, None]).squeeze(1)
         rows = torch.arange(len(ids), device=ids.device)[:, None].expand_as(taught)[taught]
         return torch.zeros(len(ids), device=ids.device).index_add_(0, rows, picked)
 
     @torch.no_grad()
     def predict_boxes(
-        self, images: torch.Tensor, prompts: list[list[int]], num_beams: int = 1
+        self,
+        images: torch.Tensor,
+        prompts: list[list[int]],
+        num_beams: int = 1,
+        owners: torch.Tensor | None = None,
     ) -> list[tuple[list[float], float]]:
-        """The box of the object each prompt (start token + ``EXPRESSION box:`` ids) names in its image, as
+        """The box of the object each prompt (start token + ``EXPRESSION box:`` ids) names in image ``owners[i]``
+        (``images[i]`` without ``owners``), as
         ``x1 <= x2, y1 <= y2`` fractions of the image's width and height, with its score: the box head's
         probability of the chosen cell, or the decoder's mean log-probability of the four location tokens
         (searched with ``num_beams``; a box cut short by the context length is the empty box at the origin)."""
         if self.box_head is None:
-            found = self.generate(images, prompts, 5, num_beams, boxes=True)
+            found = self.generate(images, prompts, 5, num_beams, boxes=True, owners=owners)
             return [(generated_box(hypotheses[0].tokens, 1.0, 1.0), hypotheses[0].score) for hypotheses in found]
         ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long, device=images.device)
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = torch.tensor(prompt)
         lengths = torch.tensor([len(prompt) for prompt in prompts], device=images.device)
+        owners = _image_of_each(prompts, owners, images.device)
         image_tokens, _ = self.image_features(images)
         cells, grid = self.image_cells(image_tokens, images)
-        boxes, scores = self.box_head.predict(self._box_queries(image_tokens, ids, lengths), cells, grid)
+        query = self._box_queries(image_tokens, ids, lengths, owners)
+        boxes, scores = self.box_head.predict(query, cells[owners], grid)
         return [(box, score) for box, score in zip(boxes.tolist(), scores.tolist(), strict=True)]
 
     @torch.no_grad()
@@ -338,15 +354,18 @@ class BLIP(nn.Module):
         num_beams: int = 1,
         length_penalty: float = 1.0,
         boxes: bool = False,
+        owners: torch.Tensor | None = None,
     ) -> list[list[Hypothesis]]:
-        """The decoder's continuations of ``prompts`` (start token + prompt ids), one list per image, best first.
+        """The decoder's continuations of ``prompts`` (start token + prompt ids), one list per prompt, best first;
+        prompt ``i`` is about image ``owners[i]`` of ``images`` (``images[i]`` without ``owners``).
 
         ``boxes``: write four location tokens then end (grounding); else text tokens only.
         """
         image_tokens, _ = self.image_features(images)
+        image_of_prompt = _image_of_each(prompts, owners, images.device)
 
-        def log_probs(ids: torch.Tensor, positions: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
-            states = self.decode(image_tokens[owners], ids[:, : int(positions.max()) + 1])
+        def log_probs(ids: torch.Tensor, positions: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+            states = self.decode(image_tokens, ids[:, : int(positions.max()) + 1], image_of_prompt[prompt])
             return self.token_logits(states[torch.arange(len(ids)), positions]).float().log_softmax(dim=1)
 
         vocab = torch.arange(DECODER_VOCAB_SIZE, device=images.device)
@@ -369,6 +388,15 @@ class BLIP(nn.Module):
             allowed,
             images.device,
         )
+
+
+def _image_of_each(prompts: list[list[int]], owners: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The image index of each prompt: ``owners``, or prompt ``i`` about image ``i``."""
+    if owners is None:
+        return torch.arange(len(prompts), device=device)
+    if len(owners) != len(prompts):
+        raise ValueError(f"got {len(owners)} image indices for {len(prompts)} prompts")
+    return owners.to(device)
 
 
 def _without_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

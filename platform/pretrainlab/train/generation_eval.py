@@ -59,7 +59,7 @@ def generate_best(
     """The best hypothesis of ``model.generate`` for each sample: prompt ``prompts[i]`` about image ``owners[i]``.
 
     Images go through the evaluation pipeline ``batch_size`` at a time; the samples of those images
-    are generated ``batch_size`` rows at a time, each row its own copy of its image.
+    are generated ``batch_size`` rows at a time, each image encoded once for the rows about it.
 
     Args:
         model: A generative image-text model in eval mode.
@@ -71,8 +71,8 @@ def generate_best(
         generate_kwargs: ``max_new_tokens``, ``num_beams``, ``length_penalty``, ``boxes``.
     """
 
-    def best(images: torch.Tensor, chunk: list[list[int]]) -> list[Hypothesis]:
-        return [hypotheses[0] for hypotheses in model.generate(images, chunk, **generate_kwargs)]
+    def best(images: torch.Tensor, owners: torch.Tensor, chunk: list[list[int]]) -> list[Hypothesis]:
+        return [hypotheses[0] for hypotheses in model.generate(images, chunk, owners=owners, **generate_kwargs)]
 
     return _per_sample(best, model, images, owners, prompts, data_cfg, batch_size)
 
@@ -92,15 +92,15 @@ def predicted_boxes(
     height, width = images.shape[2:]
     scale = [width, height, width, height]
 
-    def boxes(images: torch.Tensor, chunk: list[list[int]]) -> list[Box]:
-        found = model.predict_boxes(images, chunk, num_beams)
+    def boxes(images: torch.Tensor, owners: torch.Tensor, chunk: list[list[int]]) -> list[Box]:
+        found = model.predict_boxes(images, chunk, num_beams, owners=owners)
         return [[v * s for v, s in zip(box, scale, strict=True)] for box, _ in found]
 
     return _per_sample(boxes, model, images, owners, prompts, data_cfg, batch_size)
 
 
 def _per_sample(
-    call: Callable[[torch.Tensor, list[list[int]]], list],
+    call: Callable[[torch.Tensor, torch.Tensor, list[list[int]]], list],
     model: nn.Module,
     images: np.ndarray,
     owners: Sequence[int],
@@ -108,8 +108,8 @@ def _per_sample(
     data_cfg: DataConfig,
     batch_size: int,
 ) -> list:
-    """``call(images, prompts)`` over every sample, ``batch_size`` rows at a time, each row its own copy of its
-    image (as :func:`generate_best` describes); the results in sample order."""
+    """``call(images, owners, prompts)`` over every sample, ``batch_size`` rows at a time (prompt ``i`` about
+    ``images[owners[i]]``, the images those rows are about); the results in sample order."""
     owners = np.asarray(owners, dtype=np.int64)
     if len(owners) != len(prompts):
         raise ValueError(f"got {len(owners)} image indices for {len(prompts)} prompts")
@@ -122,7 +122,8 @@ def _per_sample(
         first, stop = np.searchsorted(owners, [start, start + len(batch)])
         for lo in range(first, stop, batch_size):
             rows = torch.from_numpy(owners[lo : min(stop, lo + batch_size)] - start).to(batch.device)
-            results += call(batch[rows], list(prompts[lo : lo + len(rows)]))
+            used, owners_in_chunk = torch.unique(rows, return_inverse=True)
+            results += call(batch[used], owners_in_chunk, list(prompts[lo : lo + len(rows)]))
     return results
 
 
@@ -149,9 +150,10 @@ def most_likely_answers(
         questions = [prompt for prompt in chunk for _ in answers]
         ids, mask = prompted_sequences(questions, answers * len(chunk), model.context_length)
         likelihood = model.target_log_likelihood(
-            tokens[rows].repeat_interleave(len(answers), dim=0),
+            tokens,
             torch.from_numpy(ids).to(device),
             torch.from_numpy(mask).to(device),
+            rows.repeat_interleave(len(answers)),
         )
         return likelihood.view(len(chunk), len(answers)).argmax(dim=1).tolist()
 
@@ -191,7 +193,8 @@ def _blank_answers(
     found: dict[tuple[int, ...], Hypothesis] = {}
     for lo in range(0, len(distinct), batch_size):
         chunk = distinct[lo : lo + batch_size]
-        results = model.generate(blank.expand(len(chunk), -1, -1, -1), [list(p) for p in chunk], **kwargs)
+        owners = torch.zeros(len(chunk), dtype=torch.long, device=blank.device)
+        results = model.generate(blank, [list(p) for p in chunk], owners=owners, **kwargs)
         found.update({p: hypotheses[0] for p, hypotheses in zip(chunk, results, strict=True)})
     return [found[tuple(p)] for p in prompts]
 

@@ -57,7 +57,7 @@ def padded_generate(model, images: torch.Tensor, prompts: list[list[int]], max_n
     image_tokens, _ = model.image_features(images)
 
     def log_probs(ids, positions, owners):
-        states = model.decode(image_tokens[owners], ids)
+        states = model.decode(image_tokens, ids, owners)
         return model.token_logits(states[torch.arange(len(ids)), positions]).float().log_softmax(dim=1)
 
     beam_search(log_probs, prompts, model.context_length, model.end_id, max_new_tokens, 3)

@@ -138,7 +138,7 @@ def test_recipe_switches_train_end_to_end(recipe_run):
     assert metrics["val/top1"] == metrics[f"val_{chosen}/top1"]
     assert metrics["val/top1"] == max(metrics["val_raw/top1"], metrics["val_ema/top1"])
     assert metrics["val_raw/top1"] != metrics["val_ema/top1"] or metrics["val_raw/loss"] != metrics["val_ema/loss"]
-    assert metrics["test/top1"] > 40.0
+    assert metrics["test/top1"] > 25.0  # chance is 10%; 18 steps have landed anywhere from 40% up
 
     import mlflow.artifacts
 

@@ -87,13 +87,14 @@ def compare_vqa_evaluation(images: int, rounds: int) -> tuple[dict[str, float], 
     pixels, annotations = load_split_annotated(folder, "test")
     pixels, annotations = pixels[:images], {name: rows[:images] for name, rows in annotations.items()}
     vocabulary = dataset_info(folder)["class_names"]
+    model.eval()
     seconds = {"shared": [], "copies": []}
     with torch.no_grad():
         for _ in range(rounds):
             for side, context in sides():
                 with context:
                     start = time.perf_counter()
-                    evaluate_vqa(model.eval(), pixels, annotations, cfg.data, vocabulary=vocabulary)
+                    evaluate_vqa(model, pixels, annotations, cfg.data, vocabulary=vocabulary)
                     seconds[side].append(time.perf_counter() - start)
     questions = sum(map(len, annotations["questions"]))
     return {side: statistics.median(times) for side, times in seconds.items()}, questions

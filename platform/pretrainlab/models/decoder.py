@@ -52,7 +52,9 @@ class MultimodalDecoder(MultimodalTransformer):
         tokens x width``), or to image row ``i`` when ``owners`` is None."""
         if owners is None:
             return super().forward(image_embs, text_embs)
-        groups = TextGroups(owners, len(image_embs))
+        used, owners = torch.unique(owners, return_inverse=True)  # images without a text get no row of padding
+        image_embs = image_embs[used]
+        groups = TextGroups(owners, len(used))
         causal = self.attn_mask[: text_embs.shape[1], : text_embs.shape[1]]
         states = text_embs
         for self_attention, cross_attention in zip(self.resblocks, self.cross_attn, strict=True):

@@ -35,6 +35,7 @@ from pretrainlab.models.backbones import uses_convolutions
 from pretrainlab.models.interop import LoadReport
 from pretrainlab.strategies import build_model, get_strategy
 from pretrainlab.tracking.mlflow import MetricLogger, client_for
+from pretrainlab.train.allocator import keep_freed_memory
 from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.train.evaluate import (
     all_reduce_sums,
@@ -196,6 +197,7 @@ def run_loop(loop_config: dict[str, Any], session: LoopSession) -> None:
     info = loop_config["dataset"]
     rank, world = session.rank, session.world_size
     torch.set_num_threads(cfg.train.cpus_per_worker)
+    keep_freed_memory()
     torch.manual_seed(cfg.runtime.seed)
     device = session.device
 

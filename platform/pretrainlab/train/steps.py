@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import torch
@@ -25,6 +26,11 @@ def compile_forward(model: nn.Module, mode: str | None) -> nn.Module:
     return model
 
 
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX or AVX-512 BF16, as oneDNN detects them)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def autocast_for(
     device: torch.device, amp: str = "auto"
 ) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler | None]:
@@ -42,6 +48,13 @@ def autocast_for(
         return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
     if cuda and not torch.cuda.is_bf16_supported():
         raise ValueError("train.amp: bf16 is not supported by this GPU; use fp16 or auto")
+    if not cuda and not cpu_has_bf16_units():
+        warnings.warn(
+            f"train.amp: bf16 on a CPU without AMX or AVX-512 BF16 units ({torch.backends.cpu.get_cpu_capability()}): "
+            "matrix products fall back to slow generic code, several times slower than full precision; "
+            "set train.amp=off on this machine",
+            stacklevel=2,
+        )
     return torch.autocast(device.type, dtype=torch.bfloat16), None
 
 

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for name, config_overrides in BENCHMARKED:
         arguments = ["--steps", str(args.steps), "--measure", name, *config_overrides]
-        report(f"{name} {' '.join(config_overrides)}, training step", *compare(arguments, args.rounds))
+        report(f"{' '.join([name, *config_overrides])}, training step", *compare(arguments, args.rounds))
     arguments = ["--images", str(args.images), "--measure-evaluation"]
     report(f"VQA evaluation of {args.images} test images", *compare(arguments, args.rounds))
     return 0

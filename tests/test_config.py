@@ -56,6 +56,15 @@ def test_overrides_are_typed_and_applied_last(tmp_path):
     assert cfg.train.epochs == 4 and cfg.data.mask.ratio == 0.6 and cfg.optim.name == "adamw"
 
 
+def test_amp_off_unquoted_in_yaml_means_full_precision(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("name: x\ntrain:\n  amp: off\n")  # YAML 1.1 reads this off as false
+    assert load_config(str(path)).train.amp == "off"
+    assert load_config(write(tmp_path / "y.yaml", {"name": "y"}), ["train.amp=off"]).train.amp == "off"
+    with pytest.raises(ConfigError, match=r"train\.amp"):
+        load_config(str(path), ["train.amp=on"])
+
+
 def test_override_with_the_wrong_type_names_the_key(tmp_path):
     path = write(tmp_path / "x.yaml", {"name": "x"})
     with pytest.raises(ConfigError, match=r"train\.epochs"):

@@ -5,7 +5,9 @@ repeated augmentation."""
 from __future__ import annotations
 
 import copy
+import platform
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -27,7 +29,7 @@ from pretrainlab.data.transforms import ImagePipeline
 from pretrainlab.strategies import supervised
 from pretrainlab.train.optim import build_optimizer, parameter_groups, scaled_lr
 from pretrainlab.train.schedule import build_scheduler
-from pretrainlab.train.steps import Stepper, build_ema, compile_forward
+from pretrainlab.train.steps import Stepper, autocast_for, build_ema, compile_forward, cpu_has_bf16_units
 
 CPU = torch.device("cpu")
 
@@ -68,6 +70,23 @@ def test_bf16_autocast_on_cpu_trains_in_bfloat16_and_learns():
     stepper_for(model, OptimConfig(), TrainConfig(amp="auto")).micro_batch(batch())  # auto: fp32 on CPU
     stepper_for(model, OptimConfig(), TrainConfig(amp="off")).micro_batch(batch())
     assert seen == [torch.float32, torch.float32]
+
+
+def x86_flags() -> set[str]:
+    with open("/proc/cpuinfo") as info:
+        return {flag for line in info if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="reads the x86 flags of /proc/cpuinfo")
+def test_bf16_on_a_cpu_without_bf16_kernels_warns_that_it_is_slow():
+    has_kernels = {"avx512bw", "avx512vl", "avx512dq"} <= x86_flags()
+    assert cpu_has_bf16_units() is has_kernels
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        autocast_for(CPU, "bf16")
+        autocast_for(CPU, "off")
+    slow = [str(w.message) for w in caught if "train.amp: bf16 on a CPU without AVX-512 or AMX" in str(w.message)]
+    assert len(slow) == (0 if has_kernels else 1), slow
 
 
 def test_fp16_is_refused_on_cpu():

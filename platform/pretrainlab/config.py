@@ -287,13 +287,20 @@ class TrainConfig(_Section):
         "auto",
         description="Mixed precision of training steps and validation (torch.autocast). auto: on GPU bf16 where "
         "supported, else fp16 with a grad scaler; on CPU full precision. bf16 on CPU pays off where the CPU has "
-        "AMX or AVX-512 BF16 units (benchmarks/cpu_amp.py); fp16 needs a GPU.",
+        "AMX or AVX-512 BF16 units (benchmarks/cpu_amp.py); on a CPU without AVX-512 it is several times slower "
+        "(a warning says so). fp16 needs a GPU.",
     )
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts allowed; -1 retries forever.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     storage_path: str = Field("runs", description="Ray Train storage (relative to PRETRAINLAB_HOME or a URI).")
     log_every_n_steps: int = Field(10, ge=1)
     eval_batch_size: int = Field(512, ge=1)
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off_is_off(cls, value: Any) -> Any:
+        """YAML 1.1 reads an unquoted ``off`` as false."""
+        return "off" if value is False else value
 
     @model_validator(mode="after")
     def _fp16_needs_a_gpu(self) -> TrainConfig:

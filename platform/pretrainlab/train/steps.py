@@ -27,7 +27,7 @@ def compile_forward(model: nn.Module, mode: str | None) -> nn.Module:
 
 
 def cpu_has_bf16_units() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AMX or AVX-512 BF16, as oneDNN detects them)."""
+    """Whether oneDNN has bf16 kernels for this CPU (x86: AVX-512 BW/VL/DQ, or AMX; Arm: BF16)."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
@@ -50,7 +50,7 @@ def autocast_for(
         raise ValueError("train.amp: bf16 is not supported by this GPU; use fp16 or auto")
     if not cuda and not cpu_has_bf16_units():
         warnings.warn(
-            f"train.amp: bf16 on a CPU without AMX or AVX-512 BF16 units ({torch.backends.cpu.get_cpu_capability()}): "
+            f"train.amp: bf16 on a CPU without AVX-512 or AMX ({torch.backends.cpu.get_cpu_capability()}): "
             "matrix products fall back to slow generic code, several times slower than full precision; "
             "set train.amp=off on this machine",
             stacklevel=2,

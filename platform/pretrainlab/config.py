@@ -287,7 +287,7 @@ class TrainConfig(_Section):
         "auto",
         description="Mixed precision of training steps and validation (torch.autocast). auto: on GPU bf16 where "
         "supported, else fp16 with a grad scaler; on CPU full precision. bf16 on CPU pays off where the CPU has "
-        "AMX or AVX-512 BF16 units (benchmarks/cpu_amp.py); on a CPU without AVX-512 it is several times slower "
+        "AMX or AVX-512 BF16 units (benchmarks/cpu_amp.py); on a CPU without AVX-512 it is tens of times slower "
         "(a warning says so). fp16 needs a GPU.",
     )
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts allowed; -1 retries forever.")

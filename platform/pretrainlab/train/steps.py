@@ -51,7 +51,7 @@ def autocast_for(
     if not cuda and not cpu_has_bf16_units():
         warnings.warn(
             f"train.amp: bf16 on a CPU without AVX-512 or AMX ({torch.backends.cpu.get_cpu_capability()}): "
-            "matrix products fall back to slow generic code, several times slower than full precision; "
+            "matrix products fall back to generic code, tens of times slower than full precision; "
             "set train.amp=off on this machine",
             stacklevel=2,
         )

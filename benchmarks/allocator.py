@@ -25,10 +25,8 @@ from pathlib import Path
 
 import torch
 
-from pretrainlab.config import load_config
-from pretrainlab.data.catalog import dataset_dir, dataset_info
+from pretrainlab.data.catalog import dataset_info
 from pretrainlab.data.dataset import load_split_annotated
-from pretrainlab.strategies import get_strategy
 from pretrainlab.train.allocator import keep_freed_memory
 from pretrainlab.train.generation_eval import evaluate_vqa
 from pretrainlab.train.optim import build_optimizer
@@ -36,7 +34,7 @@ from pretrainlab.train.schedule import build_scheduler
 from pretrainlab.train.steps import Stepper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_amp import CONFIGS, first_batch, step_seconds  # noqa: E402
+from cpu_amp import first_batch, step_seconds, untrained  # noqa: E402
 
 BENCHMARKED = (
     ("blip-vqa_vit-d6w192-p8_scenes-from-grounding", ["data.texts_per_image=6", "train.amp=auto"]),
@@ -53,12 +51,7 @@ def build(name: str, overrides: list[str], keep: bool):
     if keep and not keep_freed_memory():
         raise SystemExit("keep_freed_memory() changed nothing: not glibc, or MALLOC_*_ set in the environment")
     torch.set_num_threads(2)
-    cfg = load_config(CONFIGS / f"{name}.yaml", overrides)
-    folder = dataset_dir(cfg)
-    info = dataset_info(folder)
-    torch.manual_seed(0)
-    model = get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"], load_init_from=False)
-    return cfg, folder, model
+    return untrained(name, overrides)
 
 
 def measure(name: str, overrides: list[str], steps: int, keep: bool) -> dict[str, float]:

@@ -56,13 +56,20 @@ def step_seconds(stepper: Stepper, batch: dict[str, torch.Tensor], steps: int) -
     return statistics.median(times[1:])
 
 
-def compare(name: str, steps: int, rounds: int) -> tuple[float, float]:
-    """(median step seconds in full precision, with bf16 autocast) of config ``name``."""
-    cfg = load_config(CONFIGS / f"{name}.yaml")
+def untrained(name: str, overrides: list[str] | None = None):
+    """(config, data folder, model with seed-0 random weights) of config ``name`` (``model.init_from`` not loaded)."""
+    cfg = load_config(CONFIGS / f"{name}.yaml", overrides)
     folder = dataset_dir(cfg)  # a built-in set is converted on first use
     info = dataset_info(folder)
     torch.manual_seed(0)
-    model = get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"]).train()
+    model = get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"], load_init_from=False)
+    return cfg, folder, model
+
+
+def compare(name: str, steps: int, rounds: int) -> tuple[float, float]:
+    """(median step seconds in full precision, with bf16 autocast) of config ``name``."""
+    cfg, folder, model = untrained(name)
+    model.train()
     optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr)
     scheduler = build_scheduler(optimizer, cfg.schedule, steps_per_epoch=100, epochs=cfg.train.epochs)
     batch = first_batch(cfg, folder)

@@ -29,18 +29,16 @@ from unittest import mock
 import torch
 from open_clip.transformer import MultimodalTransformer
 
-from pretrainlab.config import load_config
-from pretrainlab.data.catalog import dataset_dir, dataset_info
+from pretrainlab.data.catalog import dataset_info
 from pretrainlab.data.dataset import load_split_annotated
 from pretrainlab.models.decoder import MultimodalDecoder
-from pretrainlab.strategies import get_strategy
 from pretrainlab.train.generation_eval import evaluate_vqa
 from pretrainlab.train.optim import build_optimizer
 from pretrainlab.train.schedule import build_scheduler
 from pretrainlab.train.steps import Stepper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_amp import CONFIGS, first_batch, step_seconds  # noqa: E402
+from cpu_amp import first_batch, step_seconds, untrained  # noqa: E402
 
 TRAINING = (
     ("blip-vqa_vit-d6w192-p8_scenes-from-grounding", 3),
@@ -59,17 +57,8 @@ def sides():
     return (("shared", nullcontext()), ("copies", mock.patch.object(MultimodalDecoder, "forward", one_copy_per_text)))
 
 
-def build(name: str, overrides: list[str]):
-    cfg = load_config(CONFIGS / f"{name}.yaml", overrides)
-    folder = dataset_dir(cfg)
-    info = dataset_info(folder)
-    torch.manual_seed(0)
-    model = get_strategy(cfg.strategy).build_model(cfg, info["num_classes"], info["in_chans"], load_init_from=False)
-    return cfg, folder, model
-
-
 def compare_training(name: str, texts: int, steps: int, rounds: int) -> dict[str, float]:
-    cfg, folder, model = build(name, [f"data.texts_per_image={texts}"])
+    cfg, folder, model = untrained(name, [f"data.texts_per_image={texts}"])
     optimizer = build_optimizer(model.train(), cfg.optim, cfg.optim.lr)
     scheduler = build_scheduler(optimizer, cfg.schedule, steps_per_epoch=100, epochs=cfg.train.epochs)
     stepper = Stepper(model, optimizer, scheduler, cfg.train, torch.device("cpu"))
@@ -83,7 +72,7 @@ def compare_training(name: str, texts: int, steps: int, rounds: int) -> dict[str
 
 
 def compare_vqa_evaluation(images: int, rounds: int) -> tuple[dict[str, float], int]:
-    cfg, folder, model = build("blip-vqa_vit-d6w192-p8_scenes-from-grounding", [])
+    cfg, folder, model = untrained("blip-vqa_vit-d6w192-p8_scenes-from-grounding")
     pixels, annotations = load_split_annotated(folder, "test")
     pixels, annotations = pixels[:images], {name: rows[:images] for name, rows in annotations.items()}
     vocabulary = dataset_info(folder)["class_names"]

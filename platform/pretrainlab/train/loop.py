@@ -12,6 +12,7 @@ before it) restores model, EMA, optimizer, scheduler, epoch, step and RNG state;
 config's learning rate, weight decay and momentum then apply again, so a PBT trial that
 copied another trial's checkpoint trains with its own new hyperparameters (the copy is
 recorded in MLflow). The run's tag ``ray.worker_nodes`` lists each rank's Ray node.
+Each worker first sets glibc's malloc to keep freed memory (:mod:`pretrainlab.train.allocator`).
 A NaN or infinite training loss, which every rank checks at each logging step and at the
 end of each epoch, stops the run (``TrainingDiverged``) before that epoch's checkpoint.
 """

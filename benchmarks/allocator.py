@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 
-from pretrainlab.data.catalog import dataset_info
-from pretrainlab.data.dataset import load_split_annotated
 from pretrainlab.train.allocator import keep_freed_memory
 from pretrainlab.train.generation_eval import evaluate_vqa
 from pretrainlab.train.optim import build_optimizer
@@ -34,7 +32,7 @@ from pretrainlab.train.schedule import build_scheduler
 from pretrainlab.train.steps import Stepper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_amp import first_batch, step_seconds, untrained  # noqa: E402
+from cpu_amp import first_batch, first_test_images, step_seconds, untrained  # noqa: E402
 
 BENCHMARKED = (
     ("blip-vqa_vit-d6w192-p8_scenes-from-grounding", ["data.texts_per_image=6", "train.amp=auto"]),
@@ -71,9 +69,7 @@ def measure(name: str, overrides: list[str], steps: int, keep: bool) -> dict[str
 def measure_vqa_evaluation(images: int, keep: bool) -> dict[str, float]:
     """Seconds and minor page faults of evaluating the VQA model on ``images`` test images, in this process."""
     cfg, folder, model = build(*VQA_EVALUATION, keep)
-    pixels, annotations = load_split_annotated(folder, "test")
-    pixels, annotations = pixels[:images], {name: rows[:images] for name, rows in annotations.items()}
-    vocabulary = dataset_info(folder)["class_names"]
+    pixels, annotations, vocabulary = first_test_images(folder, images)
     faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
     with torch.no_grad():
         evaluate_vqa(model.eval(), pixels, annotations, cfg.data, vocabulary=vocabulary)

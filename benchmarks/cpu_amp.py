@@ -17,11 +17,13 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
 from pretrainlab.config import load_config
 from pretrainlab.data.catalog import dataset_dir, dataset_info
+from pretrainlab.data.dataset import load_split_annotated
 from pretrainlab.data.pipeline import Preprocessor, to_model_inputs
 from pretrainlab.data.shards import shard_paths
 from pretrainlab.strategies import get_strategy
@@ -54,6 +56,13 @@ def step_seconds(stepper: Stepper, batch: dict[str, torch.Tensor], steps: int) -
         stepper.micro_batch(batch)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
+
+
+def first_test_images(folder: str, images: int) -> tuple[np.ndarray, dict[str, list], list[str]]:
+    """(pixels, annotations, answer vocabulary) of the first ``images`` test images of ``folder``."""
+    pixels, annotations = load_split_annotated(folder, "test")
+    sliced = {name: rows[:images] for name, rows in annotations.items()}
+    return pixels[:images], sliced, dataset_info(folder)["class_names"]
 
 
 def untrained(name: str, overrides: list[str] | None = None):

@@ -29,8 +29,6 @@ from unittest import mock
 import torch
 from open_clip.transformer import MultimodalTransformer
 
-from pretrainlab.data.catalog import dataset_info
-from pretrainlab.data.dataset import load_split_annotated
 from pretrainlab.models.decoder import MultimodalDecoder
 from pretrainlab.train.generation_eval import evaluate_vqa
 from pretrainlab.train.optim import build_optimizer
@@ -38,7 +36,7 @@ from pretrainlab.train.schedule import build_scheduler
 from pretrainlab.train.steps import Stepper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_amp import first_batch, step_seconds, untrained  # noqa: E402
+from cpu_amp import first_batch, first_test_images, step_seconds, untrained  # noqa: E402
 
 TRAINING = (
     ("blip-vqa_vit-d6w192-p8_scenes-from-grounding", 3),
@@ -73,9 +71,7 @@ def compare_training(name: str, texts: int, steps: int, rounds: int) -> dict[str
 
 def compare_vqa_evaluation(images: int, rounds: int) -> tuple[dict[str, float], int]:
     cfg, folder, model = untrained("blip-vqa_vit-d6w192-p8_scenes-from-grounding")
-    pixels, annotations = load_split_annotated(folder, "test")
-    pixels, annotations = pixels[:images], {name: rows[:images] for name, rows in annotations.items()}
-    vocabulary = dataset_info(folder)["class_names"]
+    pixels, annotations, vocabulary = first_test_images(folder, images)
     model.eval()
     seconds = {"shared": [], "copies": []}
     with torch.no_grad():

@@ -29,7 +29,7 @@ from pretrainlab.data.transforms import ImagePipeline
 from pretrainlab.strategies import supervised
 from pretrainlab.train.optim import build_optimizer, parameter_groups, scaled_lr
 from pretrainlab.train.schedule import build_scheduler
-from pretrainlab.train.steps import Stepper, autocast_for, build_ema, compile_forward, cpu_has_bf16_units
+from pretrainlab.train.steps import Stepper, autocast_for, build_ema, compile_forward, cpu_has_bf16_kernels
 
 CPU = torch.device("cpu")
 
@@ -80,7 +80,7 @@ def x86_flags() -> set[str]:
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="reads the x86 flags of /proc/cpuinfo")
 def test_bf16_on_a_cpu_without_bf16_kernels_warns_that_it_is_slow():
     has_kernels = {"avx512bw", "avx512vl", "avx512dq"} <= x86_flags()
-    assert cpu_has_bf16_units() is has_kernels
+    assert cpu_has_bf16_kernels() is has_kernels
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         autocast_for(CPU, "bf16")

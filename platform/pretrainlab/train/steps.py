@@ -26,7 +26,7 @@ def compile_forward(model: nn.Module, mode: str | None) -> nn.Module:
     return model
 
 
-def cpu_has_bf16_units() -> bool:
+def cpu_has_bf16_kernels() -> bool:
     """Whether oneDNN has bf16 kernels for this CPU (x86: AVX-512 BW/VL/DQ, or AMX; Arm: BF16)."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
@@ -48,7 +48,7 @@ def autocast_for(
         return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
     if cuda and not torch.cuda.is_bf16_supported():
         raise ValueError("train.amp: bf16 is not supported by this GPU; use fp16 or auto")
-    if not cuda and not cpu_has_bf16_units():
+    if not cuda and not cpu_has_bf16_kernels():
         warnings.warn(
             f"train.amp: bf16 on a CPU without AVX-512 or AMX ({torch.backends.cpu.get_cpu_capability()}): "
             "matrix products fall back to generic code, tens of times slower than full precision; "

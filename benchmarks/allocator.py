@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
+from pretrainlab.evaluation.generation import evaluate_vqa
 from pretrainlab.train.allocator import keep_freed_memory
-from pretrainlab.train.generation_eval import evaluate_vqa
 from pretrainlab.train.optim import build_optimizer
 from pretrainlab.train.schedule import build_scheduler
 from pretrainlab.train.steps import Stepper

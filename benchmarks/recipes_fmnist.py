@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO / "jobs"))
 import pretrain as pretrain_job  # noqa: E402
 
 from pretrainlab.config import load_config  # noqa: E402
-from pretrainlab.tracking.mlflow import RUN_NAME_TAG, resolve_tracking_uri  # noqa: E402
+from pretrainlab.paths import resolve_tracking_uri  # noqa: E402
+from pretrainlab.tracking.mlflow import RUN_NAME_TAG  # noqa: E402
 
 GROUPS = {
     "resnet": ("resnet10t-s2_1xb128_fmnist", "resnet10t-s2_1xb128-tricks_fmnist"),

@@ -40,11 +40,11 @@ from ray import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pretrainlab.checkpoint import checkpoint_meta, save_checkpoint  # noqa: E402
 from pretrainlab.config import load_config  # noqa: E402
 from pretrainlab.data.catalog import dataset_dir, dataset_info  # noqa: E402
 from pretrainlab.data.dataset import load_split_numpy  # noqa: E402
 from pretrainlab.strategies import get_strategy  # noqa: E402
-from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint  # noqa: E402
 from serve.app import build_app  # noqa: E402
 from serve.schemas import ServeArgs  # noqa: E402
 

@@ -29,8 +29,8 @@ from unittest import mock
 import torch
 from open_clip.transformer import MultimodalTransformer
 
+from pretrainlab.evaluation.generation import evaluate_vqa
 from pretrainlab.models.decoder import MultimodalDecoder
-from pretrainlab.train.generation_eval import evaluate_vqa
 from pretrainlab.train.optim import build_optimizer
 from pretrainlab.train.schedule import build_scheduler
 from pretrainlab.train.steps import Stepper

@@ -38,16 +38,17 @@ import pretrain as pretrain_job  # noqa: E402
 from pretrainlab.config import ExperimentConfig, load_config  # noqa: E402
 from pretrainlab.data.catalog import dataset_dir  # noqa: E402
 from pretrainlab.data.dataset import load_split_numpy  # noqa: E402
-from pretrainlab.strategies import get_strategy  # noqa: E402
-from pretrainlab.tracking.mlflow import RUN_NAME_TAG, resolve_tracking_uri  # noqa: E402
-from pretrainlab.train.knn import knn_top1  # noqa: E402
-from pretrainlab.train.probe import (  # noqa: E402
+from pretrainlab.evaluation.embedding import (  # noqa: E402
     FEATURE_KINDS,
     evaluate_probe,
     extract_features,
     feature_extractor,
     train_linear_probe,
 )
+from pretrainlab.metrics.knn import knn_top1  # noqa: E402
+from pretrainlab.paths import resolve_tracking_uri  # noqa: E402
+from pretrainlab.strategies import get_strategy  # noqa: E402
+from pretrainlab.tracking.mlflow import RUN_NAME_TAG  # noqa: E402
 
 PROBE_TARGET, PROBE_METHODS, RANDOM_MARGIN = 85.0, ("simclr", "byol", "mae"), 5.0
 SPLITS = ("train", "val", "test")

@@ -24,22 +24,15 @@ import argparse
 import sys
 import time
 
+from pretrainlab.checkpoint import CheckpointError
 from pretrainlab.data.errors import DatasetError
+from pretrainlab.evaluation.classification import evaluate_checkpoint, log_evaluation
+from pretrainlab.evaluation.generation import evaluate_generation_split, generation_samples_figure
+from pretrainlab.evaluation.image_text import evaluate_retrieval_split
 from pretrainlab.inference.loading import load_model
+from pretrainlab.paths import resolve_tracking_uri
 from pretrainlab.strategies import get_strategy
-from pretrainlab.tracking.mlflow import (
-    MetricLogger,
-    TrackingError,
-    check_tracking,
-    client_for,
-    ensure_experiment,
-    log_evaluation,
-    resolve_tracking_uri,
-)
-from pretrainlab.train.checkpoint import CheckpointError
-from pretrainlab.train.evaluate import evaluate_checkpoint
-from pretrainlab.train.generation_eval import evaluate_generation_split, generation_samples_figure
-from pretrainlab.train.image_text import evaluate_retrieval_split
+from pretrainlab.tracking.mlflow import MetricLogger, TrackingError, check_tracking, client_for, ensure_experiment
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -28,15 +28,10 @@ from pathlib import Path
 
 import pretrain
 
+from pretrainlab.checkpoint import CheckpointError, fetch_checkpoint, load_checkpoint
 from pretrainlab.config import ConfigError, ExperimentConfig, load_config
-from pretrainlab.inference.loading import fetch_checkpoint
-from pretrainlab.paths import MLFLOW_SCHEMES
-from pretrainlab.tracking.mlflow import (
-    TrackingError,
-    check_tracking,
-    resolve_tracking_uri,
-)
-from pretrainlab.train.checkpoint import CheckpointError, load_checkpoint
+from pretrainlab.paths import MLFLOW_SCHEMES, resolve_tracking_uri
+from pretrainlab.tracking.mlflow import TrackingError, check_tracking
 
 PRETRAINED_FROM_TAG = "pretrainlab.pretrained_from"
 PRETRAINED_CHECKPOINT_TAG = "pretrainlab.pretrained_checkpoint"

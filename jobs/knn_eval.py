@@ -22,17 +22,11 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Param
 
+from pretrainlab.checkpoint import CheckpointError
 from pretrainlab.data.errors import DatasetError
-from pretrainlab.tracking.mlflow import (
-    MetricLogger,
-    TrackingError,
-    check_tracking,
-    client_for,
-    ensure_experiment,
-    resolve_tracking_uri,
-)
-from pretrainlab.train.checkpoint import CheckpointError
-from pretrainlab.train.probe import checkpoint_features, knn_accuracies
+from pretrainlab.evaluation.embedding import checkpoint_features, knn_accuracies
+from pretrainlab.paths import resolve_tracking_uri
+from pretrainlab.tracking.mlflow import MetricLogger, TrackingError, check_tracking, client_for, ensure_experiment
 
 BANK_SPLIT = "train"
 

@@ -26,10 +26,9 @@ from knn_eval import ArgumentError, start_child_run
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
+from pretrainlab.checkpoint import CheckpointError
 from pretrainlab.data.errors import DatasetError
-from pretrainlab.tracking.mlflow import TrackingError, check_tracking, client_for, resolve_tracking_uri
-from pretrainlab.train.checkpoint import CheckpointError
-from pretrainlab.train.probe import (
+from pretrainlab.evaluation.embedding import (
     FEATURE_KINDS,
     FeatureError,
     ProbeHistory,
@@ -37,6 +36,8 @@ from pretrainlab.train.probe import (
     evaluate_probe,
     train_linear_probe,
 )
+from pretrainlab.paths import resolve_tracking_uri
+from pretrainlab.tracking.mlflow import TrackingError, check_tracking, client_for
 
 TRAIN_SPLIT = "train"
 MLFLOW_BATCH = 1000

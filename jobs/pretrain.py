@@ -47,11 +47,16 @@ from mlflow import MlflowClient
 
 from pretrainlab.analysis import tsne
 from pretrainlab.analysis.samples import stratified_indices
+from pretrainlab.checkpoint import CheckpointError, verify_checkpoint
 from pretrainlab.cluster import init_ray, ray_job_tags
 from pretrainlab.config import ConfigError, ExperimentConfig, load_config
 from pretrainlab.data.shards import load_manifest
+from pretrainlab.evaluation.classification import evaluate_checkpoint, log_evaluation
+from pretrainlab.evaluation.embedding import checkpoint_features, knn_accuracies
+from pretrainlab.evaluation.generation import evaluate_generation_split, generation_samples_figure
+from pretrainlab.evaluation.image_text import evaluate_retrieval_split
 from pretrainlab.inference.loading import load_model
-from pretrainlab.paths import project_home
+from pretrainlab.paths import project_home, resolve_tracking_uri
 from pretrainlab.storage import location
 from pretrainlab.strategies import get_strategy
 from pretrainlab.tracking.mlflow import (
@@ -60,17 +65,10 @@ from pretrainlab.tracking.mlflow import (
     TrackingError,
     check_tracking,
     client_for,
-    log_evaluation,
     log_params,
     register_checkpoint,
-    resolve_tracking_uri,
     start_or_resume_run,
 )
-from pretrainlab.train.checkpoint import CheckpointError, verify_checkpoint
-from pretrainlab.train.evaluate import evaluate_checkpoint
-from pretrainlab.train.generation_eval import evaluate_generation_split, generation_samples_figure
-from pretrainlab.train.image_text import evaluate_retrieval_split
-from pretrainlab.train.probe import checkpoint_features, knn_accuracies
 from pretrainlab.train.trainer import EXPERIMENT_ERRORS, build_trainer, check_experiment, divergence
 
 FINAL_KNN_KS = (20, 200)

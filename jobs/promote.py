@@ -18,7 +18,8 @@ import sys
 
 from mlflow.exceptions import MlflowException
 
-from pretrainlab.tracking.mlflow import TrackingError, resolve_tracking_uri
+from pretrainlab.paths import resolve_tracking_uri
+from pretrainlab.tracking.mlflow import TrackingError
 from pretrainlab.tracking.registry import DEFAULT_ALIAS, PromotionError, open_store, promote
 
 

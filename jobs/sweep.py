@@ -22,17 +22,11 @@ import yaml
 
 from pretrainlab.cluster import init_ray, ray_job_tags
 from pretrainlab.config import ConfigError, load_config
+from pretrainlab.paths import resolve_tracking_uri
 from pretrainlab.sweep.report import best_outcome, log_summary, results_table
 from pretrainlab.sweep.space import check_space
 from pretrainlab.sweep.tune import SweepContext, SweepTracker, build_tuner
-from pretrainlab.tracking.mlflow import (
-    TrackingError,
-    check_tracking,
-    client_for,
-    log_params,
-    resolve_tracking_uri,
-    start_or_resume_run,
-)
+from pretrainlab.tracking.mlflow import TrackingError, check_tracking, client_for, log_params, start_or_resume_run
 from pretrainlab.train.trainer import EXPERIMENT_ERRORS, check_experiment
 
 

@@ -19,13 +19,14 @@ import sys
 
 from knn_eval import start_child_run
 
+from pretrainlab.checkpoint import CheckpointError
 from pretrainlab.config import ConfigError
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.errors import DatasetError
+from pretrainlab.evaluation.zero_shot import labelled_images, zero_shot_top1
 from pretrainlab.inference.inferencers import ImageTextInferencer
-from pretrainlab.tracking.mlflow import MetricLogger, TrackingError, check_tracking, client_for, resolve_tracking_uri
-from pretrainlab.train.checkpoint import CheckpointError
-from pretrainlab.train.zero_shot import labelled_images, zero_shot_top1
+from pretrainlab.paths import resolve_tracking_uri
+from pretrainlab.tracking.mlflow import MetricLogger, TrackingError, check_tracking, client_for
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

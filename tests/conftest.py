@@ -257,11 +257,11 @@ def train_digits_checkpoint(cfg, data_folder: Path, out: Path, steps: int = 30, 
     """
     import torch
 
+    from pretrainlab.checkpoint import checkpoint_meta, save_checkpoint
     from pretrainlab.data.catalog import dataset_info
     from pretrainlab.data.dataset import load_split_numpy
     from pretrainlab.data.transforms import eval_pipeline, normalize
     from pretrainlab.strategies import get_strategy
-    from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
 
     info = dataset_info(str(data_folder))
     torch.manual_seed(cfg.runtime.seed)

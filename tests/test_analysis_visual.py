@@ -17,12 +17,12 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from conftest import CONFIGS, train_digits_checkpoint
-from pretrainlab.analysis import cam, confusion_matrix, samples, tsne
+from pretrainlab.analysis import cam, confusion_matrix, export, samples, tsne
 from pretrainlab.config import load_config
 from pretrainlab.data.builtin import prepare_builtin
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.dataset import load_split_numpy
-from pretrainlab.inference import export
+from pretrainlab.evaluation.figures import stratified_indices
 from pretrainlab.inference.loading import load_model
 
 DIGITS = CONFIGS / "test-resnet_2xb32_digits.yaml"
@@ -105,10 +105,10 @@ def test_tsne_png_and_points_logged_to_mlflow(project, checkpoints, tmp_path):
 
 def test_stratified_indices_keep_class_shares():
     labels = np.repeat(np.arange(3), [60, 30, 10])
-    chosen = samples.stratified_indices(labels, 20, seed=1)
+    chosen = stratified_indices(labels, 20, seed=1)
     assert len(set(chosen.tolist())) == 20
     assert np.bincount(labels[chosen]).tolist() == [12, 6, 2]
-    assert len(samples.stratified_indices(labels, 500)) == 100
+    assert len(stratified_indices(labels, 500)) == 100
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CONFIGS
+from pretrainlab.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.config import InitFromConfig, load_config, validate
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.pipeline import Preprocessor, to_model_inputs
@@ -37,7 +38,6 @@ from pretrainlab.models.box_head import CellBoxHead
 from pretrainlab.models.generation import beam_search
 from pretrainlab.models.text import filled_length
 from pretrainlab.strategies import build_model, get_strategy
-from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.train.optim import build_optimizer
 from pretrainlab.train.trainer import check_experiment
 

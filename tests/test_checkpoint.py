@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from pretrainlab.train.checkpoint import (
+from pretrainlab.checkpoint import (
     META_FILE,
     STATE_FILE,
     WEIGHTS_FILE,

@@ -14,6 +14,7 @@ import zero_shot as zero_shot_job
 from open_clip.loss import ClipLoss
 
 from conftest import CONFIGS, on_gloo_workers
+from pretrainlab.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.config import load_config, validate
 from pretrainlab.data.dataset import load_split_annotated
 from pretrainlab.data.errors import DatasetError
@@ -21,6 +22,8 @@ from pretrainlab.data.pipeline import Preprocessor, to_model_inputs
 from pretrainlab.data.scenes import write_scenes
 from pretrainlab.data.scenes.language import CAPTION_KINDS
 from pretrainlab.data.text import detokenize, tokenize
+from pretrainlab.evaluation.image_text import evaluate_retrieval, evaluate_retrieval_split
+from pretrainlab.evaluation.zero_shot import labelled_images
 from pretrainlab.inference.inferencers import ImageTextInferencer
 from pretrainlab.inference.loading import load_model
 from pretrainlab.inference.zoo import ModelInfo
@@ -32,11 +35,8 @@ from pretrainlab.metrics.retrieval import (
 )
 from pretrainlab.models.text import build_text_tower, filled_length
 from pretrainlab.strategies import clip, get_strategy
-from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
-from pretrainlab.train.image_text import evaluate_retrieval, evaluate_retrieval_split
 from pretrainlab.train.optim import build_optimizer
 from pretrainlab.train.trainer import check_experiment
-from pretrainlab.train.zero_shot import labelled_images
 
 CONTEXT = 48
 TINY_CLIP = {"embed_dim": 16, "text_width": 16, "text_layers": 1, "text_heads": 2}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pretrainlab.analysis.multimodal_samples import plot_samples
+from pretrainlab.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.config import validate
 from pretrainlab.data.catalog import dataset_info
 from pretrainlab.data.dataset import load_split_annotated
@@ -24,12 +24,9 @@ from pretrainlab.data.text import (
     prompted_sequences,
     tokenize,
 )
-from pretrainlab.metrics.captioning import caption_scores
-from pretrainlab.metrics.retrieval import recall_of_scores, text_gallery
-from pretrainlab.strategies import get_strategy
-from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
-from pretrainlab.train.evaluate import eval_batches
-from pretrainlab.train.generation_eval import (
+from pretrainlab.evaluation.classification import eval_batches
+from pretrainlab.evaluation.figures import plot_samples
+from pretrainlab.evaluation.generation import (
     centre_box,
     evaluate_captioning,
     evaluate_grounding,
@@ -38,7 +35,10 @@ from pretrainlab.train.generation_eval import (
     most_likely_answers,
     predicted_boxes,
 )
-from pretrainlab.train.image_text import evaluate_retrieval
+from pretrainlab.evaluation.image_text import evaluate_retrieval
+from pretrainlab.metrics.captioning import caption_scores
+from pretrainlab.metrics.retrieval import recall_of_scores, text_gallery
+from pretrainlab.strategies import get_strategy
 
 TINY_BLIP = {"embed_dim": 16, "width": 16, "text_layers": 1, "decoder_layers": 1, "heads": 2}
 CAPTION_KEYS = {"bleu1", "bleu2", "bleu3", "bleu4", "cider"}

@@ -21,17 +21,17 @@ from PIL import Image
 
 import pretrainlab
 from conftest import CONFIGS, free_port, train_digits_checkpoint
+from pretrainlab.checkpoint import CHECKPOINT_CACHE, fetch_checkpoint, load_checkpoint, save_checkpoint
 from pretrainlab.config import load_config
 from pretrainlab.data.builtin import prepare_builtin
 from pretrainlab.data.dataset import load_split_numpy
 from pretrainlab.data.transforms import normalize
+from pretrainlab.evaluation.classification import evaluate_checkpoint, predict
 from pretrainlab.inference.inferencers import inferencer_for
-from pretrainlab.inference.loading import CHECKPOINT_CACHE, fetch_checkpoint, load_model
+from pretrainlab.inference.loading import load_model
 from pretrainlab.models.backbones import feature_dim
 from pretrainlab.paths import project_home
 from pretrainlab.tracking.mlflow import client_for, ensure_experiment, register_checkpoint
-from pretrainlab.train.checkpoint import load_checkpoint, save_checkpoint
-from pretrainlab.train.evaluate import evaluate_checkpoint, predict
 
 DIGITS = "test-resnet_2xb32_digits"
 FMNIST = "resnet10t_1xb128_fmnist"

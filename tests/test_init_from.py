@@ -17,12 +17,12 @@ import torchvision
 from torch import nn
 
 from conftest import CONFIGS
+from pretrainlab.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.config import ConfigError, InitFromConfig, load_config
 from pretrainlab.models.interop import InteropError, from_torchvision
 from pretrainlab.strategies import build_model as build_any_model
 from pretrainlab.strategies.supervised import ImageClassifier, build_model
 from pretrainlab.tracking.mlflow import client_for, ensure_experiment, register_checkpoint
-from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
 
 REGISTERED = "init-from-test"
 IMAGENET_WEIGHTS = "mobilenet_v2-b0353104.pth"  # torchvision's file name: the sha256 starts with b0353104

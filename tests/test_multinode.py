@@ -18,8 +18,8 @@ import sys
 from mlflow import MlflowClient
 
 from conftest import CONFIGS, REPO
+from pretrainlab.checkpoint import load_checkpoint
 from pretrainlab.tracking.mlflow import RUN_NAME_TAG
-from pretrainlab.train.checkpoint import load_checkpoint
 
 
 def in_loopback_namespace(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

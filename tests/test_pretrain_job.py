@@ -11,9 +11,9 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import CONFIGS, use_project
+from pretrainlab.checkpoint import load_checkpoint
 from pretrainlab.data.catalog import dataset_info
 from pretrainlab.tracking.mlflow import RUN_NAME_TAG
-from pretrainlab.train.checkpoint import load_checkpoint
 from pretrainlab.train.loop import TrainingDiverged, finite_mean_loss, steps_per_epoch
 
 CONFIG = str(CONFIGS / "test-resnet_2xb32_digits.yaml")

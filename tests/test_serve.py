@@ -438,8 +438,8 @@ def test_reconfigure_re_resolves_aliases_at_once(served):
 
 
 def test_a_call_past_request_timeout_is_cancelled_and_answers_504():
-    from serve.app import answer_of
     from serve.errors import ApiError
+    from serve.ingress import answer_of
 
     class Never:
         cancelled = False

@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import REPO, free_port
+from pretrainlab.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.config import validate
 from pretrainlab.data.dataset import load_split_annotated
 from pretrainlab.data.scenes import write_scenes
 from pretrainlab.strategies import get_strategy
-from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
 
 sys.path.insert(0, str(REPO))  # the serve/ application folder, as `serve run` from the repository root sees it
 

@@ -24,13 +24,10 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from conftest import CONFIGS, train_digits_checkpoint
+from pretrainlab.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.config import load_config
 from pretrainlab.data.builtin import prepare_builtin
-from pretrainlab.strategies import supervised
-from pretrainlab.tracking.mlflow import client_for, ensure_experiment
-from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
-from pretrainlab.train.knn import knn_predict
-from pretrainlab.train.probe import (
+from pretrainlab.evaluation.embedding import (
     FeatureError,
     evaluate_probe,
     extract_features,
@@ -38,6 +35,9 @@ from pretrainlab.train.probe import (
     knn_accuracies,
     train_linear_probe,
 )
+from pretrainlab.metrics.knn import knn_predict
+from pretrainlab.strategies import supervised
+from pretrainlab.tracking.mlflow import client_for, ensure_experiment
 
 DIGITS_CONFIG = CONFIGS / "test-resnet_2xb32_digits.yaml"
 TINY_VIT = {"img_size": 8, "patch_size": 2, "depth": 3, "embed_dim": 24, "num_heads": 2}

@@ -8,8 +8,8 @@ import yaml
 from mlflow import MlflowClient
 
 from conftest import CONFIGS
+from pretrainlab.checkpoint import load_checkpoint
 from pretrainlab.tracking.mlflow import RUN_NAME_TAG
-from pretrainlab.train.checkpoint import load_checkpoint
 
 TWO_VIEWS = [{"count": 2, "pipeline": [{"type": "RandomResizedCrop", "size": 8, "scale": [0.5, 1.0]}]}]
 TINY_CNN = {"backbone": "test_resnet", "stem_stride": 1}

@@ -22,6 +22,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pretrainlab.strategy_params import STRATEGY_PARAMS, StrategyName
+
 BASE_KEY = "_base_"
 
 
@@ -31,10 +33,6 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class StrategyParams(_Section):
-    """Base of a strategy module's ``Params``: the typed ``strategy_params`` of its configs (unknown keys fail)."""
 
 
 class InitFromConfig(_Section):
@@ -401,11 +399,13 @@ class ExperimentConfig(_Section):
     """A whole experiment; the YAML files under configs/ are instances of this."""
 
     name: str
-    strategy: str = Field("supervised", description="A training strategy: supervised or a self-supervised method.")
+    strategy: StrategyName = Field(
+        "supervised", description="A training strategy: supervised, a self-supervised or an image-text method."
+    )
     strategy_params: dict[str, Any] = Field(
         default_factory=dict,
-        description="The strategy's own settings (its module's Params: projector sizes, temperature, momentum...); "
-        "validated, with defaults filled in, against the strategy.",
+        description="The strategy's own settings (projector sizes, temperature, momentum...); validated, with "
+        "defaults filled in, against its model in pretrainlab.strategy_params.",
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -424,10 +424,7 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _strategy_params_fit(self) -> ExperimentConfig:
-        from pretrainlab.strategies import get_strategy  # deferred: strategies import this module
-
-        module = get_strategy(self.strategy)
-        params = getattr(module, "Params", None)
+        params = STRATEGY_PARAMS[self.strategy]
         if params is None:
             if self.strategy_params:
                 raise ValueError(f"strategy_params: strategy {self.strategy} takes none, got {self.strategy_params}")

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 HOME_ENV = "PRETRAINLAB_HOME"
+DEFAULT_STORE = "mlflow.db"
+"""The MLflow store of a project without ``MLFLOW_TRACKING_URI``: a sqlite file in the project folder."""
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 """Prefixes of a checkpoint held by MLflow (a registered model version or a run's artifacts), not a path."""
 
@@ -31,3 +33,8 @@ def resolve(path: str | os.PathLike) -> str:
     if is_uri(text):
         return text
     return str((project_home() / Path(text).expanduser()).resolve())
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    """``configured``, else ``$MLFLOW_TRACKING_URI``, else a sqlite file in the project folder."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_home() / DEFAULT_STORE}"

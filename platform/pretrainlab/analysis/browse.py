@@ -35,7 +35,8 @@ from pretrainlab.data.errors import DatasetError  # noqa: E402
 from pretrainlab.data.pipeline import Preprocessor, view_key  # noqa: E402
 from pretrainlab.data.shards import load_manifest, shard_paths  # noqa: E402
 from pretrainlab.data.transforms import PipelineError  # noqa: E402
-from pretrainlab.tracking.mlflow import client_for, resolve_tracking_uri  # noqa: E402
+from pretrainlab.paths import resolve_tracking_uri  # noqa: E402
+from pretrainlab.tracking.mlflow import client_for
 
 
 def read_rows(folder: str, split: str, count: int, seed: int) -> dict[str, np.ndarray]:

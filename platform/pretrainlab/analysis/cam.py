@@ -35,6 +35,7 @@ from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 from torch import nn  # noqa: E402
 
+from pretrainlab.analysis.export import ClassifierLogits  # noqa: E402
 from pretrainlab.analysis.outputs import (  # noqa: E402
     ERRORS,
     AnalysisError,
@@ -44,7 +45,6 @@ from pretrainlab.analysis.outputs import (  # noqa: E402
     report_error,
 )
 from pretrainlab.analysis.samples import backbone_of, eval_images, load_subset  # noqa: E402
-from pretrainlab.inference.export import ClassifierLogits  # noqa: E402
 
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "eigencam": EigenCAM}
 _HEAD_PARTS = ("global_pool", "head", "fc_norm", "head_drop", "pre_logits")

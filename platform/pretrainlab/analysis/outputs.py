@@ -11,11 +11,12 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
+from pretrainlab.checkpoint import CheckpointError
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.transforms import PipelineError
 from pretrainlab.models.backbones import BackboneError
-from pretrainlab.tracking.mlflow import TrackingError, client_for, resolve_tracking_uri
-from pretrainlab.train.checkpoint import CheckpointError
+from pretrainlab.paths import resolve_tracking_uri
+from pretrainlab.tracking.mlflow import TrackingError, client_for
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:

@@ -11,25 +11,8 @@ from pretrainlab.config import DataConfig
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.dataset import load_split_numpy
 from pretrainlab.data.transforms import eval_pipeline, normalize
+from pretrainlab.evaluation.figures import stratified_indices
 from pretrainlab.inference.loading import LoadedModel, load_model
-
-
-def stratified_indices(labels: np.ndarray, num: int, seed: int = 0) -> np.ndarray:
-    """``num`` row indices (all rows when there are fewer), each class in proportion to its share.
-
-    Each class's rows are shuffled with ``seed`` and spread evenly over ``[0, 1)``; the
-    ``num`` smallest positions are taken, so every prefix of the order is stratified.
-    """
-    labels = np.asarray(labels)
-    if num >= len(labels):
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    position = np.empty(len(labels))
-    for label in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == label))
-        position[rows] = (np.arange(len(rows)) + rng.random()) / len(rows)
-    order = np.lexsort((rng.random(len(labels)), position))
-    return np.sort(order[:num])
 
 
 def eval_images(images: np.ndarray, data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:

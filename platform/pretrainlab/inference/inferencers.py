@@ -22,7 +22,7 @@ from pretrainlab.data.text import GROUNDING_PROMPT, VQA_PROMPT, bpe_ids, detoken
 from pretrainlab.inference.inputs import ImageInput, as_list, load_image
 from pretrainlab.inference.zoo import get_model, model_info
 from pretrainlab.models.generation import Hypothesis
-from pretrainlab.train.image_text import encode_texts
+from pretrainlab.models.text import encode_texts
 
 ModelSource = nn.Module | str | os.PathLike
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from torch import nn
 
@@ -38,13 +36,12 @@ from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.shards import load_manifest, shard_paths
 from pretrainlab.inference.inputs import InputPreprocessor
 from pretrainlab.inference.loading import load_model
-from pretrainlab.paths import MLFLOW_SCHEMES
+from pretrainlab.paths import MLFLOW_SCHEMES, resolve_tracking_uri
 from pretrainlab.strategies import STRATEGIES, build_model, get_strategy
-from pretrainlab.tracking.mlflow import TrackingError, check_tracking, client_for, resolve_tracking_uri
-from pretrainlab.tracking.registry import DEFAULT_ALIAS, alias_holder, open_store
+from pretrainlab.tracking.mlflow import TrackingError, check_tracking, client_for
+from pretrainlab.tracking.registry import ModelSourceError, resolve_model_source, served_version
 
 CONFIGS_ENV = "PRETRAINLAB_CONFIGS"
-_BARE_MODEL_URI = re.compile(r"models:/([^/@]+)/?")
 _warned_stores: set[str] = set()
 
 
@@ -131,15 +128,6 @@ def zoo_configs() -> dict[str, tuple[Path, ExperimentConfig]]:
             raise ValueError(f"zoo name {name!r} is given by two configs: {found[name][0]} and {path}")
         found[name] = (path, cfg)
     return found
-
-
-def served_version(client: MlflowClient, model: str) -> ModelVersion | None:
-    """The version of ``model`` that the zoo serves: the ``champion`` alias, else the latest; None if none."""
-    holder = alias_holder(client, model, DEFAULT_ALIAS)
-    if holder is not None:
-        return holder
-    versions = [v for v in client.search_model_versions(f"name='{model}'") if v.status != "FAILED_REGISTRATION"]
-    return max(versions, key=lambda v: int(v.version), default=None)
 
 
 def registered_models() -> dict[str, str | None]:
@@ -255,9 +243,7 @@ def _registered_checkpoint(name: str, path: Path, cfg: ExperimentConfig) -> str:
 
 
 def _checkpoint_model(name: str, source: str, device: torch.device, tracking_uri: str | None = None) -> nn.Module:
-    bare = _BARE_MODEL_URI.fullmatch(source)
-    if bare is not None:
-        source = _served_uri(bare.group(1), tracking_uri)
+    source = _pinned_uri(source, tracking_uri)
     loaded = load_model(source, device, tracking_uri)
     info = ModelInfo(
         name=name,
@@ -274,15 +260,20 @@ def _checkpoint_model(name: str, source: str, device: torch.device, tracking_uri
 
 
 def _served_uri(model: str, tracking_uri: str | None, hint: str = "") -> str:
-    """``models:/MODEL/VERSION`` of the version :func:`served_version` picks."""
-    uri = resolve_tracking_uri(tracking_uri)
+    """``models:/MODEL/VERSION`` of the version a bare ``models:/MODEL`` names now (champion, else latest)."""
+    return _pinned_uri(f"models:/{model}", tracking_uri, hint)
+
+
+def _pinned_uri(source: str, tracking_uri: str | None, hint: str = "") -> str:
+    """``models:/NAME/VERSION`` of what a ``models:/`` source names now; ``runs:/`` URIs and folders as they are.
+
+    Raises:
+        ValueError: the source names no registered version, or its store cannot be reached.
+    """
     try:
-        version = served_version(open_store(uri), model)
-    except TrackingError as err:
-        raise ValueError(f"models:/{model}: {err}{hint}") from None
-    if version is None:
-        raise ValueError(f"models:/{model}: no such registered model, or no version of it, in {uri}{hint}")
-    return f"models:/{model}/{version.version}"
+        return resolve_model_source(source, tracking_uri).uri
+    except (ModelSourceError, TrackingError) as err:
+        raise ValueError(f"{err}{hint}") from None
 
 
 def _random_model(name: str, path: Path, cfg: ExperimentConfig, device: torch.device) -> nn.Module:

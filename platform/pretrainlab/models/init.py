@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pretrainlab.checkpoint import CheckpointError, LoadedCheckpoint, fetch_checkpoint, load_checkpoint
 from pretrainlab.config import ExperimentConfig, InitFromConfig
 from pretrainlab.models.backbones import create_backbone
 from pretrainlab.models.interop import InteropError, LoadReport, load_into_backbone, load_pretrained_backbone
 from pretrainlab.paths import MLFLOW_SCHEMES, resolve
-from pretrainlab.train.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 
 CONFIG_KEY = "model.init_from.path"
 BACKBONE_PREFIX = "backbone."
@@ -85,8 +85,6 @@ def _resolved(init_from: InitFromConfig) -> InitFromConfig:
 
 def _fetch(init_from: InitFromConfig, tracking_uri: str | None) -> LoadedCheckpoint:
     """The checkpoint ``init_from.path`` names, downloaded first when it is an MLflow URI."""
-    from pretrainlab.inference.loading import fetch_checkpoint  # deferred: it imports the strategies, which use this
-
     return load_checkpoint(fetch_checkpoint(init_from.path, tracking_uri))
 
 

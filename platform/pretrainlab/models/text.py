@@ -7,10 +7,13 @@ gives the same states for what it keeps, at the cost of its longest text instead
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from open_clip import transformer
+from torch import nn
 
-from pretrainlab.data.text import VOCAB_SIZE
+from pretrainlab.data.text import VOCAB_SIZE, tokenize
 
 
 class TextTransformer(transformer.TextTransformer):
@@ -54,3 +57,21 @@ def build_text_tower(
         mlp_ratio=mlp_ratio,
         output_dim=output_dim,
     )
+
+
+@torch.no_grad()
+def encode_texts(
+    model: nn.Module,
+    texts: Sequence[str],
+    context_length: int,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``len(texts) x D`` text embeddings, computed ``batch_size`` texts at a time, float32 on the CPU."""
+    parts = [
+        model.encode_text(torch.from_numpy(tokenize(texts[start : start + batch_size], context_length)).to(device))
+        for start in range(0, len(texts), batch_size)
+    ]
+    if not parts:
+        raise ValueError("no texts to encode")
+    return torch.cat([p.float().cpu() for p in parts])

@@ -10,37 +10,21 @@ from __future__ import annotations
 
 import torch
 import torch.distributed.nn.functional as dist_fn
-from pydantic import Field
 from torch import nn
 
-from pretrainlab.config import ExperimentConfig, StrategyParams
+from pretrainlab.config import ExperimentConfig
 from pretrainlab.models.backbones import feature_dim
 from pretrainlab.models.heads import MLPHead
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
 from pretrainlab.strategies.common import check_two_views, distributed, rank_and_world
+from pretrainlab.strategy_params import BarlowTwinsParams
 
 TASK = "embedding"
+DATASET_TASKS = ("classification",)
 
 EPS = 1e-5
 """Added to each feature's variance before dividing by its square root (BatchNorm's default)."""
-
-
-class Params(StrategyParams):
-    """Barlow Twins' ``strategy_params`` (the paper: 8192 x 3 projector, lambda 0.0051)."""
-
-    proj_hidden_dim: int = Field(1024, ge=1, description="Hidden width of the projector.")
-    proj_dim: int = Field(1024, ge=1, description="Output width of the projector: C is proj_dim x proj_dim.")
-    off_diagonal_weight: float | None = Field(
-        0.0051, gt=0, description="lambda, the weight of the off-diagonal (redundancy) term; null: 1 / proj_dim."
-    )
-    loss_scale: float = Field(
-        1.0,
-        gt=0,
-        description="Factor on the whole loss (solo-learn's scale_loss 0.1). Under LARS it changes the steps of the "
-        "parameters LARS does not adapt (norms, biases) and where trust_clip caps the others; under SGD it acts "
-        "like the lr.",
-    )
 
 
 def _sum_over_workers(tensor: torch.Tensor) -> torch.Tensor:
@@ -105,6 +89,10 @@ class BarlowTwins(nn.Module):
         }
 
 
+def check_dataset(cfg: ExperimentConfig, info: dict) -> None:
+    """Any classification dataset will do (its labels only serve evaluation): nothing to check."""
+
+
 def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_init_from: bool = True) -> BarlowTwins:
     """Barlow Twins on ``cfg.model``'s backbone (``num_classes`` is unused: no labels).
 
@@ -112,7 +100,7 @@ def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_ini
         ValueError: ``data.views`` does not make 2 views per image.
     """
     check_two_views(cfg)
-    params = Params.model_validate(cfg.strategy_params)
+    params = BarlowTwinsParams.model_validate(cfg.strategy_params)
     backbone, init_report = build_backbone(cfg, in_chans, load_init_from)
     projector = MLPHead(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim, num_layers=3)
     weight = params.off_diagonal_weight if params.off_diagonal_weight is not None else 1 / params.proj_dim

@@ -28,10 +28,9 @@ import math
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
-from pydantic import Field
 from torch import nn
 
-from pretrainlab.config import ExperimentConfig, StrategyParams
+from pretrainlab.config import ExperimentConfig
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.text import DECODER_VOCAB_SIZE, FIRST_LOCATION_ID, generated_box, tokenizer
 from pretrainlab.metrics.grounding import grounding_scores
@@ -42,37 +41,11 @@ from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
 from pretrainlab.models.text import TextTransformer, filled_length
 from pretrainlab.strategies.common import rank_and_world
+from pretrainlab.strategy_params import BlipParams
 
 TASK = "generation"
 DATASET_TASKS = ("caption", "retrieval", "vqa", "grounding")
 _TOKEN_COLUMNS = ("text", "negative_text", "sequence", "target_mask")
-
-
-class Params(StrategyParams):
-    """``strategy_params`` of the BLIP-style model."""
-
-    embed_dim: int = Field(256, ge=1, description="Width of the joint image-text embedding space.")
-    width: int = Field(256, ge=1, description="Width of the text transformer and the decoder.")
-    text_layers: int = Field(4, ge=1, description="Blocks of the text transformer.")
-    decoder_layers: int = Field(4, ge=1, description="Blocks of the multimodal decoder.")
-    heads: int = Field(4, ge=1, description="Attention heads (divides width).")
-    init_temperature: float = Field(0.07, gt=0, description="Contrastive softmax temperature at the start (learned).")
-    itc_weight: float = Field(1.0, ge=0, description="Weight of the image-text contrastive loss.")
-    itm_weight: float = Field(1.0, ge=0, description="Weight of the image-text matching loss.")
-    lm_weight: float = Field(1.0, ge=0, description="Weight of the decoder's language-modelling loss.")
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Of the language-modelling loss.")
-    rank_answers: bool = Field(
-        True,
-        description="VQA evaluation: also pick each answer from the dataset's answer vocabulary by likelihood.",
-    )
-    rerank_k: int = Field(
-        16, ge=0, description="Retrieval evaluation: candidates per query re-ranked by the matching head (0: none)."
-    )
-    box_head: bool = Field(
-        False,
-        description="Grounding: predict boxes with a one-stage box head on the decoder's state (the image cell of "
-        "the object's centre, the box regressed from it) instead of four location tokens written by the decoder.",
-    )
 
 
 class BLIP(nn.Module):
@@ -82,7 +55,7 @@ class BLIP(nn.Module):
     leaves_parameters_unused = True
     """VQA and grounding rows train the encoder and decoder only, not the contrastive and matching heads."""
 
-    def __init__(self, backbone: nn.Module, params: Params, context_length: int) -> None:
+    def __init__(self, backbone: nn.Module, params: BlipParams, context_length: int) -> None:
         super().__init__()
         if params.width % params.heads:
             raise ValueError(f"strategy_params.width {params.width} is not a multiple of heads {params.heads}")
@@ -408,7 +381,7 @@ def _without_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def check_dataset(cfg: ExperimentConfig, info: dict) -> None:
     """Raises ``DatasetError`` when ``box_head`` is set and the dataset is not a grounding dataset."""
-    if Params.model_validate(cfg.strategy_params).box_head and info["task"] != "grounding":
+    if BlipParams.model_validate(cfg.strategy_params).box_head and info["task"] != "grounding":
         raise DatasetError(
             f"strategy_params.box_head: {cfg.data.dataset} is a {info['task']} dataset; a box head trains on "
             "grounding datasets (set box_head: false)"
@@ -417,7 +390,7 @@ def check_dataset(cfg: ExperimentConfig, info: dict) -> None:
 
 def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_init_from: bool = True) -> BLIP:
     """The BLIP-style model on ``cfg.model``'s backbone; ``num_classes`` is unused."""
-    params = Params.model_validate(cfg.strategy_params)
+    params = BlipParams.model_validate(cfg.strategy_params)
     backbone, init_report = build_backbone(cfg, in_chans, load_init_from)
     model = BLIP(backbone, params, cfg.data.context_length)
     model.init_report = init_report

@@ -11,34 +11,18 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
-from pretrainlab.config import ExperimentConfig, StrategyParams
+from pretrainlab.config import ExperimentConfig
 from pretrainlab.models.backbones import feature_dim
 from pretrainlab.models.heads import MLPHead
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
 from pretrainlab.strategies.common import check_two_views, cosine_momentum, frozen_copy, momentum_update
+from pretrainlab.strategy_params import ByolParams
 
 TASK = "embedding"
-
-
-class Params(StrategyParams):
-    """BYOL's ``strategy_params`` (the paper: 4096 hidden, 256 out, momentum 0.996 -> 1)."""
-
-    proj_hidden_dim: int = Field(1024, ge=1, description="Hidden width of the projector and the predictor.")
-    proj_dim: int = Field(256, ge=1, description="Output width of the projector and the predictor.")
-    base_momentum: float = Field(0.99, ge=0, le=1, description="Target momentum at step 0, cosine-ramped to 1.")
-    final_momentum: float = Field(1.0, ge=0, le=1, description="Target momentum at the last step.")
-
-    @model_validator(mode="after")
-    def _momentum_rises(self) -> Params:
-        if self.final_momentum < self.base_momentum:
-            raise ValueError(
-                f"strategy_params.final_momentum {self.final_momentum} is below base_momentum {self.base_momentum}"
-            )
-        return self
+DATASET_TASKS = ("classification",)
 
 
 def normalized_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -59,7 +43,7 @@ class BYOL(nn.Module):
 
     init_report: LoadReport | None = None
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module, params: Params) -> None:
+    def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module, params: ByolParams) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
@@ -88,6 +72,10 @@ class BYOL(nn.Module):
         momentum_update(self.projector, self.target.projector, self.momentum)
 
 
+def check_dataset(cfg: ExperimentConfig, info: dict) -> None:
+    """Any classification dataset will do (its labels only serve evaluation): nothing to check."""
+
+
 def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_init_from: bool = True) -> BYOL:
     """BYOL on ``cfg.model``'s backbone (``num_classes`` is unused: no labels).
 
@@ -95,7 +83,7 @@ def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_ini
         ValueError: ``data.views`` does not make 2 views per image.
     """
     check_two_views(cfg)
-    params = Params.model_validate(cfg.strategy_params)
+    params = ByolParams.model_validate(cfg.strategy_params)
     backbone, init_report = build_backbone(cfg, in_chans, load_init_from)
     projector = MLPHead(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim)
     predictor = MLPHead(params.proj_dim, params.proj_hidden_dim, params.proj_dim)

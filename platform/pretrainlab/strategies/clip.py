@@ -17,52 +17,24 @@ Trains on caption or retrieval datasets, one caption per image drawn at random e
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
-from pydantic import Field
 from timm.layers import AttentionPool2d
 from torch import nn
 
-from pretrainlab.config import ExperimentConfig, StrategyParams
+from pretrainlab.config import ExperimentConfig
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.models.backbones import feature_dim
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
 from pretrainlab.models.text import build_text_tower, filled_length
 from pretrainlab.strategies.common import gather_with_grad, rank_and_world
+from pretrainlab.strategy_params import ClipParams
 
 TASK = "image_text"
 DATASET_TASKS = ("retrieval", "caption")
-
-
-class Params(StrategyParams):
-    """``strategy_params`` of CLIP."""
-
-    embed_dim: int = Field(256, ge=1, description="Width of the joint image-text embedding space.")
-    text_width: int = Field(256, ge=1, description="Width of the text transformer.")
-    text_layers: int = Field(4, ge=1, description="Blocks of the text transformer.")
-    text_heads: int = Field(4, ge=1, description="Attention heads of the text transformer (divides text_width).")
-    init_temperature: float = Field(0.07, gt=0, description="Softmax temperature at the start (learned).")
-    max_logit_scale: float = Field(100.0, gt=1, description="Upper bound of 1 / temperature.")
-    hard_negatives: bool = Field(
-        False,
-        description="Rank each image against the batch's hard-negative captions too (NegCLIP); needs a "
-        "retrieval dataset with negatives.",
-    )
-    image_pool: Literal["avg", "attention"] = Field(
-        "avg",
-        description="'avg': the backbone's own pooling, then a linear projection; 'attention': CLIP's attention "
-        "pooling of the feature map (convolutional backbones), which keeps where things are.",
-    )
-    feature_grid: int = Field(
-        3,
-        ge=1,
-        description="With image_pool attention: the side of the feature map its position embedding is made for "
-        "(96-px images through a stride-32 ResNet: 3); maps of another size get it resampled.",
-    )
 
 
 def contrastive_loss(
@@ -95,7 +67,7 @@ class CLIP(nn.Module):
 
     init_report: LoadReport | None = None
 
-    def __init__(self, backbone: nn.Module, text: nn.Module, params: Params) -> None:
+    def __init__(self, backbone: nn.Module, text: nn.Module, params: ClipParams) -> None:
         super().__init__()
         self.backbone = backbone
         self.attention_pool = params.image_pool == "attention"
@@ -143,7 +115,7 @@ class CLIP(nn.Module):
 
 def check_dataset(cfg: ExperimentConfig, info: dict) -> None:
     """Raises ``DatasetError`` when ``hard_negatives`` is set and the dataset has no hard-negative captions."""
-    if Params.model_validate(cfg.strategy_params).hard_negatives and info["task"] != "retrieval":
+    if ClipParams.model_validate(cfg.strategy_params).hard_negatives and info["task"] != "retrieval":
         raise DatasetError(
             f"strategy_params.hard_negatives: {cfg.data.dataset} is a {info['task']} dataset, without hard-negative "
             "captions; train on a retrieval dataset or set hard_negatives: false"
@@ -157,7 +129,7 @@ def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_ini
         ValueError: ``text_width`` is not a multiple of ``text_heads``, or ``image_pool: attention`` on a
             backbone without a 2-D feature map.
     """
-    params = Params.model_validate(cfg.strategy_params)
+    params = ClipParams.model_validate(cfg.strategy_params)
     backbone, init_report = build_backbone(cfg, in_chans, load_init_from)
     if params.image_pool == "attention" and hasattr(backbone, "patch_embed"):
         raise ValueError(

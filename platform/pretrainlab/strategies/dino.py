@@ -14,38 +14,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from timm.layers import DropPath
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from pretrainlab.config import ExperimentConfig, StrategyParams
+from pretrainlab.config import ExperimentConfig
 from pretrainlab.models.backbones import feature_dim
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
 from pretrainlab.strategies.common import all_reduce_mean, cosine_momentum, frozen_copy, momentum_update
+from pretrainlab.strategy_params import DinoParams
 
 TASK = "embedding"
+DATASET_TASKS = ("classification",)
 
 NUM_GLOBAL_VIEWS = 2
 """Global crops per image: the teacher sees these, the student sees them and the local crops."""
-
-
-class Params(StrategyParams):
-    """``strategy_params`` of DINO."""
-
-    out_dim: int = Field(4096, ge=2, description="Prototypes: the width of the head's output.")
-    hidden_dim: int = Field(2048, ge=1, description="Width of the head's two hidden layers.")
-    bottleneck_dim: int = Field(256, ge=1, description="Width of the L2-normalised layer before the prototypes.")
-    norm_last_layer: bool = Field(True, description="Keep the prototypes' weight-norm scale fixed at 1.")
-    student_temp: float = Field(0.1, gt=0)
-    teacher_temp: float = Field(0.07, gt=0, description="Teacher temperature after the warmup.")
-    warmup_teacher_temp: float = Field(0.04, gt=0, description="Teacher temperature at the first step.")
-    warmup_teacher_temp_fraction: float = Field(
-        0.3, ge=0, le=1, description="Fraction of all training steps over which the teacher temperature rises."
-    )
-    center_momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of the running mean of teacher outputs.")
-    base_momentum: float = Field(0.996, ge=0, le=1, description="Teacher momentum at the start; rises to 1.")
 
 
 def dino_loss(
@@ -156,7 +140,7 @@ class DINO(nn.Module):
 
     init_report: LoadReport | None = None
 
-    def __init__(self, backbone: nn.Module, head: DINOHead, num_views: int, params: Params) -> None:
+    def __init__(self, backbone: nn.Module, head: DINOHead, num_views: int, params: DinoParams) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -227,6 +211,10 @@ def check_local_crops_fit(backbone: nn.Module, num_views: int) -> None:
         )
 
 
+def check_dataset(cfg: ExperimentConfig, info: dict) -> None:
+    """Any classification dataset will do (its labels only serve evaluation): nothing to check."""
+
+
 def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_init_from: bool = True) -> DINO:
     """DINO on ``cfg.model``'s backbone; ``num_classes`` is unused (no labels).
 
@@ -234,7 +222,7 @@ def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_ini
         ValueError: ``data.views`` is not 2 global crops then local ones, or a ViT cannot take the local crops.
         InteropError: ``model.init_from`` cannot be read or does not fit the backbone.
     """
-    params = Params.model_validate(cfg.strategy_params)
+    params = DinoParams.model_validate(cfg.strategy_params)
     num_views = check_views(cfg)
     backbone, init_report = build_backbone(cfg, in_chans, load_init_from)
     check_local_crops_fit(backbone, num_views)

@@ -19,38 +19,16 @@ shared with :mod:`pretrainlab.strategies.simmim`.
 from __future__ import annotations
 
 import torch
-from pydantic import Field, model_validator
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from pretrainlab.config import ExperimentConfig, StrategyParams
+from pretrainlab.config import ExperimentConfig
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
+from pretrainlab.strategy_params import MaeParams
 
 TASK = "embedding"
-
-
-class Params(StrategyParams):
-    """MAE's decoder and target."""
-
-    decoder_dim: int = Field(64, ge=8, description="Width of the decoder's tokens.")
-    decoder_depth: int = Field(2, ge=1, description="Transformer blocks in the decoder.")
-    decoder_heads: int = Field(4, ge=1, description="Attention heads per decoder block; must divide decoder_dim.")
-    decoder_mlp_ratio: float = Field(4.0, gt=0)
-    norm_pix_loss: bool = Field(True, description="Targets are each patch's pixels normalised by its mean and var.")
-    norm_pix_eps: float = Field(1e-6, gt=0, description="Added to the patch variance before its square root.")
-
-    @model_validator(mode="after")
-    def _decoder_fits(self) -> Params:
-        if self.decoder_dim % 4:
-            raise ValueError(
-                f"strategy_params.decoder_dim {self.decoder_dim} must be a multiple of 4 (2-D sine-cosine positions)"
-            )
-        if self.decoder_dim % self.decoder_heads:
-            raise ValueError(
-                f"strategy_params.decoder_heads {self.decoder_heads} must divide decoder_dim {self.decoder_dim}"
-            )
-        return self
+DATASET_TASKS = ("classification",)
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -227,7 +205,7 @@ def encode_tokens(backbone: VisionTransformer, prefix: torch.Tensor, patches: to
 class MaeDecoder(nn.Module):
     """Encoder tokens to ``decoder_dim``, mask tokens at the masked positions, blocks, then pixels per patch."""
 
-    def __init__(self, encoder_dim: int, grid: tuple[int, int], patch_pixels: int, params: Params) -> None:
+    def __init__(self, encoder_dim: int, grid: tuple[int, int], patch_pixels: int, params: MaeParams) -> None:
         super().__init__()
         self.grid = grid
         self.embed = nn.Linear(encoder_dim, params.decoder_dim)
@@ -257,7 +235,7 @@ class MAE(nn.Module):
 
     init_report: LoadReport | None = None
 
-    def __init__(self, backbone: VisionTransformer, params: Params, in_chans: int) -> None:
+    def __init__(self, backbone: VisionTransformer, params: MaeParams, in_chans: int) -> None:
         super().__init__()
         self.backbone = backbone
         self.patch_size = vit_patch_size(backbone)
@@ -306,13 +284,17 @@ class MAE(nn.Module):
         return fill_masked(images, pred, mask, self.patch_size)
 
 
+def check_dataset(cfg: ExperimentConfig, info: dict) -> None:
+    """Any classification dataset will do (its labels only serve evaluation): nothing to check."""
+
+
 def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_init_from: bool = True) -> MAE:
     """MAE on ``cfg.model``'s ViT (``num_classes`` unused: no labels).
 
     Raises:
         ValueError: The backbone is not a timm ViT, or ``data.mask`` / ``data.views`` / the crop size do not fit it.
     """
-    params = Params.model_validate(cfg.strategy_params)
+    params = MaeParams.model_validate(cfg.strategy_params)
     backbone, init_report = build_backbone(cfg, in_chans, load_init_from)
     check_vit_masking(cfg, backbone, "mae")
     model = MAE(backbone, params, in_chans)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from pretrainlab.config import ExperimentConfig, StrategyParams
+from pretrainlab.config import ExperimentConfig
 from pretrainlab.models.backbones import feature_dim
 from pretrainlab.models.heads import MLPHead
 from pretrainlab.models.init import build_backbone
@@ -26,22 +25,10 @@ from pretrainlab.strategies.common import (
     momentum_update,
     rank_and_world,
 )
+from pretrainlab.strategy_params import MocoV3Params
 
 TASK = "embedding"
-
-
-class Params(StrategyParams):
-    """``strategy_params`` of MoCo v3."""
-
-    proj_hidden_dim: int = Field(4096, ge=1, description="Width of the projector's hidden layers.")
-    proj_dim: int = Field(256, ge=1, description="Width of the projector's and predictor's outputs.")
-    proj_layers: int = Field(3, ge=1, description="Linear layers of the projector (3 in the paper).")
-    pred_hidden_dim: int = Field(4096, ge=1, description="Width of the predictor's hidden layer.")
-    pred_layers: int = Field(2, ge=1, description="Linear layers of the predictor (2 in the paper).")
-    temperature: float = Field(0.2, gt=0, description="Softmax temperature of the contrastive loss.")
-    base_momentum: float = Field(
-        0.99, ge=0, le=1, description="Momentum of the key encoder at step 0, rising to 1 along a half cosine."
-    )
+DATASET_TASKS = ("classification",)
 
 
 def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -98,6 +85,10 @@ class MoCoV3(nn.Module):
         momentum_update(self.online_encoder(), self.momentum_encoder, self.momentum)
 
 
+def check_dataset(cfg: ExperimentConfig, info: dict) -> None:
+    """Any classification dataset will do (its labels only serve evaluation): nothing to check."""
+
+
 def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_init_from: bool = True) -> MoCoV3:
     """MoCo v3 on ``cfg.model``'s backbone; ``num_classes`` is unused (no labels).
 
@@ -105,7 +96,7 @@ def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_ini
         ValueError: ``data.views`` does not give two views.
     """
     check_two_views(cfg)
-    params = Params.model_validate(cfg.strategy_params)
+    params = MocoV3Params.model_validate(cfg.strategy_params)
     backbone, init_report = build_backbone(cfg, in_chans, load_init_from)
     projector = MLPHead(
         feature_dim(backbone), params.proj_hidden_dim, params.proj_dim, params.proj_layers, last_bn=True

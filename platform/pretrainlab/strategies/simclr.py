@@ -8,26 +8,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from pretrainlab.config import ExperimentConfig, StrategyParams
+from pretrainlab.config import ExperimentConfig
 from pretrainlab.models.backbones import feature_dim
 from pretrainlab.models.heads import MLPHead
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
 from pretrainlab.strategies.common import check_two_views, gather_with_grad, rank_and_world
+from pretrainlab.strategy_params import SimClrParams
 
 TASK = "embedding"
-
-
-class Params(StrategyParams):
-    """``strategy_params`` of SimCLR."""
-
-    proj_hidden_dim: int = Field(2048, ge=1, description="Width of the projector's hidden layers.")
-    proj_dim: int = Field(128, ge=1, description="Width of the embeddings the loss compares.")
-    proj_layers: int = Field(2, ge=1, description="Linear layers of the projector.")
-    temperature: float = Field(0.1, gt=0, description="Softmax temperature of NT-Xent (0.1-0.5 in the paper).")
+DATASET_TASKS = ("classification",)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -71,6 +63,10 @@ class SimCLR(nn.Module):
         return {"loss": loss, "log/positive_cosine": positive_cosine}
 
 
+def check_dataset(cfg: ExperimentConfig, info: dict) -> None:
+    """Any classification dataset will do (its labels only serve evaluation): nothing to check."""
+
+
 def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_init_from: bool = True) -> SimCLR:
     """SimCLR on ``cfg.model``'s backbone; ``num_classes`` is unused (no labels).
 
@@ -78,7 +74,7 @@ def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_ini
         ValueError: ``data.views`` does not give two views.
     """
     check_two_views(cfg)
-    params = Params.model_validate(cfg.strategy_params)
+    params = SimClrParams.model_validate(cfg.strategy_params)
     backbone, init_report = build_backbone(cfg, in_chans, load_init_from)
     projector = MLPHead(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim, params.proj_layers)
     model = SimCLR(backbone, projector, params.temperature)

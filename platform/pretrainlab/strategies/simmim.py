@@ -16,7 +16,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from pretrainlab.config import ExperimentConfig, StrategyParams
+from pretrainlab.config import ExperimentConfig
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
 from pretrainlab.strategies.mae import (
@@ -30,12 +30,10 @@ from pretrainlab.strategies.mae import (
     prefix_tokens,
     vit_patch_size,
 )
+from pretrainlab.strategy_params import SimMimParams
 
 TASK = "embedding"
-
-
-class Params(StrategyParams):
-    """SimMIM has no settings of its own: the mask is ``data.mask``, the head one linear layer."""
+DATASET_TASKS = ("classification",)
 
 
 def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -87,13 +85,17 @@ class SimMIM(nn.Module):
         return fill_masked(images, self.predict(images, mask), mask, self.patch_size)
 
 
+def check_dataset(cfg: ExperimentConfig, info: dict) -> None:
+    """Any classification dataset will do (its labels only serve evaluation): nothing to check."""
+
+
 def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_init_from: bool = True) -> SimMIM:
     """SimMIM on ``cfg.model``'s ViT (``num_classes`` unused: no labels).
 
     Raises:
         ValueError: The backbone is not a timm ViT, or ``data.mask`` / ``data.views`` / the crop size do not fit it.
     """
-    Params.model_validate(cfg.strategy_params)
+    SimMimParams.model_validate(cfg.strategy_params)
     backbone, init_report = build_backbone(cfg, in_chans, load_init_from)
     check_vit_masking(cfg, backbone, "simmim")
     model = SimMIM(backbone, in_chans)

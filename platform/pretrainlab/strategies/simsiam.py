@@ -8,25 +8,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from pretrainlab.config import ExperimentConfig, StrategyParams
+from pretrainlab.config import ExperimentConfig
 from pretrainlab.models.backbones import feature_dim
 from pretrainlab.models.heads import MLPHead
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
 from pretrainlab.strategies.common import check_two_views
+from pretrainlab.strategy_params import SimSiamParams
 
 TASK = "embedding"
-
-
-class Params(StrategyParams):
-    """SimSiam's ``strategy_params`` (the paper: projector 2048 wide, predictor bottleneck 512)."""
-
-    proj_hidden_dim: int = Field(512, ge=1, description="Hidden width of the projector.")
-    proj_dim: int = Field(512, ge=1, description="Output width of the projector and the predictor.")
-    pred_hidden_dim: int = Field(128, ge=1, description="The predictor's bottleneck width.")
+DATASET_TASKS = ("classification",)
 
 
 def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -61,6 +54,10 @@ class SimSiam(nn.Module):
         return {"loss": loss, "log/z_std": F.normalize(z1.detach().float(), dim=-1).std(dim=0).mean()}
 
 
+def check_dataset(cfg: ExperimentConfig, info: dict) -> None:
+    """Any classification dataset will do (its labels only serve evaluation): nothing to check."""
+
+
 def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_init_from: bool = True) -> SimSiam:
     """SimSiam on ``cfg.model``'s backbone (``num_classes`` is unused: no labels).
 
@@ -68,7 +65,7 @@ def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_ini
         ValueError: ``data.views`` does not make 2 views per image.
     """
     check_two_views(cfg)
-    params = Params.model_validate(cfg.strategy_params)
+    params = SimSiamParams.model_validate(cfg.strategy_params)
     backbone, init_report = build_backbone(cfg, in_chans, load_init_from)
     projector = MLPHead(feature_dim(backbone), params.proj_hidden_dim, params.proj_dim, num_layers=3, last_bn=True)
     predictor = MLPHead(params.proj_dim, params.pred_hidden_dim, params.proj_dim)

@@ -13,6 +13,7 @@ from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
 
 TASK = "classification"
+DATASET_TASKS = ("classification",)
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -46,6 +47,10 @@ class ImageClassifier(nn.Module):
         if "label" in batch:
             out["loss"] = classification_loss(logits, batch["label"], self.label_smoothing)
         return out
+
+
+def check_dataset(cfg: ExperimentConfig, info: dict) -> None:
+    """Any classification dataset will do (its labels only serve evaluation): nothing to check."""
 
 
 def build_model(cfg: ExperimentConfig, num_classes: int, in_chans: int, load_init_from: bool = True) -> ImageClassifier:

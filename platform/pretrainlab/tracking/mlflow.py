@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import requests
 from mlflow import MlflowClient
@@ -32,10 +30,6 @@ from mlflow.utils.rest_utils import http_request, verify_rest_response
 from pretrainlab.paths import project_home
 from pretrainlab.tracking.outbox import DEFAULT_MAX_RECORDS, Outbox, outbox_path
 
-if TYPE_CHECKING:
-    from pretrainlab.train.evaluate import Evaluation
-
-DEFAULT_STORE = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 RUN_NAME_TAG = "pretrainlab.run_name"
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -46,11 +40,6 @@ _AUTH_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"  # /health answ
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message names its URI."""
-
-
-def resolve_tracking_uri(configured: str | None = None) -> str:
-    """``configured``, else ``$MLFLOW_TRACKING_URI``, else a sqlite file in the project folder."""
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_home() / DEFAULT_STORE}"
 
 
 def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
@@ -311,15 +300,3 @@ def register_checkpoint(
     except MlflowException:
         client.create_registered_model(model_name, description="Registered by PretrainLab.")
     return client.create_model_version(model_name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id)
-
-
-def log_evaluation(client: MlflowClient, run_id: str, evaluation: Evaluation, step: int | None = None) -> None:
-    """Log ``{split}/{metric}`` values and the confusion matrix (PNG + CSV) of an evaluation to a run."""
-    from pretrainlab.analysis import confusion_matrix  # deferred: sklearn and pyplot, ~1 s of every worker's start
-
-    prefix = evaluation.split
-    MetricLogger(client, run_id).log({f"{prefix}/{k}": v for k, v in evaluation.metrics.items()}, step or 0)
-    matrix = confusion_matrix.compute(evaluation.labels, evaluation.preds, len(evaluation.class_names))
-    with tempfile.TemporaryDirectory() as tmp:
-        confusion_matrix.save(matrix, evaluation.class_names, tmp, title=f"{prefix} split")
-        client.log_artifacts(run_id, tmp, f"evaluation/{prefix}")

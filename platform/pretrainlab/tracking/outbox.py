@@ -215,7 +215,8 @@ def replay(target: str | os.PathLike, tracking_uri: str | None = None) -> int:
     Returns:
         The number of metrics sent.
     """
-    from pretrainlab.tracking.mlflow import MetricLogger, client_for, resolve_tracking_uri
+    from pretrainlab.paths import resolve_tracking_uri
+    from pretrainlab.tracking.mlflow import MetricLogger, client_for
 
     target = Path(target)
     files = sorted(target.glob("*.jsonl")) if target.is_dir() else [target]

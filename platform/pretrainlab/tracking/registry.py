@@ -4,10 +4,16 @@
 creates the model version of its checkpoint (:func:`ensure_version`) and points an alias
 such as ``champion`` at it (:func:`set_alias_with_previous`); the alias's former holder
 gets the ``previous`` alias. Calling it again with nothing new changes nothing.
+
+:func:`resolve_model_source` is the one place that reads a model source: ``models:/NAME@alias``,
+``models:/NAME/3`` and bare ``models:/NAME`` (:func:`served_version`: the ``champion`` alias, else
+the latest version) become the pinned ``models:/NAME/VERSION`` they name now; ``runs:/`` URIs and
+folders pass through as they are.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +23,7 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from pretrainlab.paths import resolve_tracking_uri
 from pretrainlab.tracking.mlflow import CHECKPOINT_ARTIFACT, TrackingError, check_tracking, register_checkpoint
 
 MODEL_PARAM = "runtime.registered_model"
@@ -24,6 +31,9 @@ EVALUATION_TAG = "pretrainlab.evaluated"  # set by jobs/evaluate.py on its runs,
 DEFAULT_ALIAS = "champion"
 _ALIAS = re.compile(r"[\w-]+")
 _RESERVED_ALIAS = re.compile(r"latest|v\d+", re.IGNORECASE)
+_ALIAS_URI = re.compile(r"models:/([^/@]+)@([\w-]+)")  # models:/NAME@alias
+_VERSION_URI = re.compile(r"models:/([^/@]+)/(\d+)")  # models:/NAME/3
+_BARE_URI = re.compile(r"models:/([^/@]+)/?")  # models:/NAME
 
 
 class PromotionError(ValueError):
@@ -160,6 +170,71 @@ def alias_holder(client: MlflowClient, model: str, alias: str) -> ModelVersion |
         if err.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
             return None
         raise
+
+
+class ModelSourceError(ValueError):
+    """A ``models:/`` source names no version in the registry; the message names the source and the store."""
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """What a model source names now (:func:`resolve_model_source`)."""
+
+    source: str  # as given
+    uri: str  # pinned models:/NAME/VERSION for a registry source, else the source as given
+    name: str | None = None  # the registered model; None for runs:/ URIs and folders
+    version: str | None = None
+    alias: str | None = None  # the alias given, or champion when a bare models:/NAME resolved to it
+    watch: bool = False  # an alias or bare models:/NAME: it can move to another version
+
+
+def served_version(client: MlflowClient, model: str) -> ModelVersion | None:
+    """The version a bare ``models:/NAME`` names: the ``champion`` alias's, else the latest; None if none."""
+    holder = alias_holder(client, model, DEFAULT_ALIAS)
+    if holder is not None:
+        return holder
+    versions = [v for v in client.search_model_versions(f"name='{model}'") if v.status != "FAILED_REGISTRATION"]
+    return max(versions, key=lambda v: int(v.version), default=None)
+
+
+def resolve_model_source(source: str | os.PathLike, tracking_uri: str | None = None) -> ResolvedSource:
+    """Pin a model source to the version it names now.
+
+    ``models:/NAME@alias`` and bare ``models:/NAME`` are looked up in the registry; ``models:/NAME/3``
+    is pinned already and, like ``runs:/`` URIs and folders, needs no store.
+
+    Args:
+        source: ``models:/NAME@alias``, ``models:/NAME/3``, ``models:/NAME``, ``runs:/ID/path`` or a folder.
+        tracking_uri: The MLflow store; default: ``$MLFLOW_TRACKING_URI``, else the project's.
+
+    Raises:
+        ModelSourceError: the alias or the model (or any version of it) is not in the registry.
+        TrackingError: the store cannot be reached; the message names the source and the store.
+    """
+    text = os.fspath(source)
+    pinned = _VERSION_URI.fullmatch(text)
+    if pinned:
+        return ResolvedSource(text, text, pinned.group(1), pinned.group(2))
+    aliased, bare = _ALIAS_URI.fullmatch(text), _BARE_URI.fullmatch(text)
+    if not (aliased or bare):
+        return ResolvedSource(text, text)
+    store = resolve_tracking_uri(tracking_uri)
+    try:
+        client = open_store(store)
+    except TrackingError as err:
+        raise TrackingError(f"{text}: {err}") from None
+    if aliased:
+        name, alias = aliased.groups()
+        version = alias_holder(client, name, alias)
+        if version is None:
+            raise ModelSourceError(f"{text}: model {name!r} has no version with alias {alias!r} in {store}")
+    else:
+        name = bare.group(1)
+        version = served_version(client, name)
+        if version is None:
+            raise ModelSourceError(f"{text}: no such registered model, or no version of it, in {store}")
+        alias = DEFAULT_ALIAS if DEFAULT_ALIAS in (version.aliases or []) else None
+    return ResolvedSource(text, f"models:/{name}/{version.version}", name, str(version.version), alias, True)
 
 
 def existing_version(client: MlflowClient, model: str, run_id: str, prefer: str | None = None) -> ModelVersion | None:

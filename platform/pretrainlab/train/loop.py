@@ -30,23 +30,18 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
+from pretrainlab.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.config import CheckpointConfig, ExperimentConfig
 from pretrainlab.data.pipeline import Preprocessor, build_mixup, to_model_inputs, training_batches
+from pretrainlab.distributed import all_reduce_sums, gather_from_workers, gather_rows
+from pretrainlab.evaluation.image_text import retrieval_validation
+from pretrainlab.metrics.classification import classification_sums, metrics_from_sums
+from pretrainlab.metrics.knn import knn_top1
 from pretrainlab.models.backbones import uses_convolutions
 from pretrainlab.models.interop import LoadReport
 from pretrainlab.strategies import build_model, get_strategy
 from pretrainlab.tracking.mlflow import MetricLogger, client_for
 from pretrainlab.train.allocator import keep_freed_memory
-from pretrainlab.train.checkpoint import checkpoint_meta, save_checkpoint
-from pretrainlab.train.evaluate import (
-    all_reduce_sums,
-    classification_sums,
-    gather_from_workers,
-    gather_rows,
-    metrics_from_sums,
-)
-from pretrainlab.train.image_text import retrieval_validation
-from pretrainlab.train.knn import knn_top1
 from pretrainlab.train.optim import apply_hyperparameters, build_optimizer, scaled_lr
 from pretrainlab.train.resume import load_resumable
 from pretrainlab.train.schedule import build_scheduler

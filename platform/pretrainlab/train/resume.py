@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import pyarrow.fs
 import ray.train
 
+from pretrainlab.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from pretrainlab.storage import location
-from pretrainlab.train.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 
 CHECKPOINT_PREFIX = "checkpoint_"
 """Ray Train names checkpoint folders ``checkpoint_<timestamp>``; names sort in the order of writing."""

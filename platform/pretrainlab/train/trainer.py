@@ -52,14 +52,13 @@ def check_experiment(cfg: ExperimentConfig) -> str:
     check_storage(data_folder, "data.dataset")
     info = dataset_info(data_folder)
     strategy = get_strategy(cfg.strategy)
-    tasks = getattr(strategy, "DATASET_TASKS", ("classification",))
+    tasks = strategy.DATASET_TASKS
     if info["task"] not in tasks:
         raise DatasetError(
             f"data.dataset: {data_folder} is a {info['task']} dataset; strategy {cfg.strategy} trains on "
             f"{' or '.join(tasks)} datasets"
         )
-    if hasattr(strategy, "check_dataset"):
-        strategy.check_dataset(cfg, info)
+    strategy.check_dataset(cfg, info)
     if info["task"] == "grounding" and (moving := _geometric_ops(cfg.data.train_pipeline)):
         raise PipelineError(
             f"data.train_pipeline: {', '.join(moving)} move pixels, so the boxes of a grounding dataset would no "

@@ -8,7 +8,7 @@ L2-normalised embeddings.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ from pretrainlab.data.scenes import GENERATOR_VERSION
 from pretrainlab.data.scenes.language import caption_kind
 from pretrainlab.data.shards import load_manifest
 from pretrainlab.data.text import tokenize
+from pretrainlab.distributed import gather_from_workers, gather_rows
+from pretrainlab.evaluation.classification import eval_batches
 from pretrainlab.inference.loading import LoadedModel
 from pretrainlab.metrics.retrieval import (
     recall_of_scores,
@@ -28,26 +30,8 @@ from pretrainlab.metrics.retrieval import (
     retrieval_recall,
     text_gallery,
 )
+from pretrainlab.models.text import encode_texts
 from pretrainlab.strategies.common import rank_and_world
-from pretrainlab.train.evaluate import eval_batches, gather_from_workers, gather_rows
-
-
-@torch.no_grad()
-def encode_texts(
-    model: nn.Module,
-    texts: Sequence[str],
-    context_length: int,
-    batch_size: int = 512,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """``len(texts) x D`` text embeddings, computed ``batch_size`` texts at a time, float32 on the CPU."""
-    parts = [
-        model.encode_text(torch.from_numpy(tokenize(texts[start : start + batch_size], context_length)).to(device))
-        for start in range(0, len(texts), batch_size)
-    ]
-    if not parts:
-        raise ValueError("no texts to encode")
-    return torch.cat([p.float().cpu() for p in parts])
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""PretrainLab checkpoints: safe to load, written atomically, verified on read.
+"""PretrainLab checkpoints: safe to load, written atomically, verified on read, fetched from MLflow.
 
 A checkpoint is a folder holding
 
@@ -14,6 +14,7 @@ leaves a half-written checkpoint under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,16 +24,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow.artifacts
 import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.utils.models import get_model_name_and_version
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pretrainlab.config import ExperimentConfig
+from pretrainlab.paths import MLFLOW_SCHEMES, project_home, resolve_tracking_uri
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "config.json"
 STATE_FILE = "training_state.pt"
 FORMAT_VERSION = 1
+CHECKPOINT_CACHE = ".cache/checkpoints"
+"""Checkpoints fetched from MLflow, under ``PRETRAINLAB_HOME``; safe to delete."""
 
 
 class CheckpointError(ValueError):
@@ -162,3 +170,49 @@ def load_checkpoint(directory: str | os.PathLike, with_training_state: bool = Fa
         except Exception as err:  # torch raises several types for corrupt or unsafe files
             raise CheckpointError(f"{state_path}: unreadable ({err})") from None
     return LoadedCheckpoint(path=path, weights=weights, meta=meta, training_state=state)
+
+
+def fetch_checkpoint(source: str | os.PathLike, tracking_uri: str | None = None) -> Path:
+    """A local checkpoint folder for ``source``.
+
+    ``source`` is a folder, ``models:/NAME@alias``, ``models:/NAME/3`` or ``runs:/ID/path``. From MLflow only
+    what a model loads from is downloaded (``config.json`` and the weights, not the training state), once:
+    into ``PRETRAINLAB_HOME/.cache/checkpoints``, under the sha256 of its ``config.json``.
+    """
+    text = os.fspath(source)
+    if not text.startswith(MLFLOW_SCHEMES):
+        path = Path(text)
+        if not path.is_dir():
+            raise CheckpointError(f"{text}: no such checkpoint folder (or use a models:/ or runs:/ URI)")
+        return path
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        if text.startswith("models:/"):  # resolved in the store at ``uri``, not in the default registry
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            name, version = get_model_name_and_version(client, text)
+            text = client.get_model_version_download_uri(name, version)
+        return _cached_checkpoint(text, uri)
+    except MlflowException as err:
+        raise CheckpointError(f"{text}: cannot be fetched from the MLflow store at {uri}: {err.message}") from None
+
+
+def _cached_checkpoint(artifact_uri: str, tracking_uri: str) -> Path:
+    """The checkpoint logged at ``artifact_uri``, in the local cache (downloaded unless it is there already)."""
+    cache = project_home() / CHECKPOINT_CACHE
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".partial-", ignore_cleanup_errors=True) as staging:
+        meta = Path(_download(artifact_uri, META_FILE, staging, tracking_uri))
+        folder = cache / hashlib.sha256(meta.read_bytes()).hexdigest()[:20]
+        if not folder.is_dir():
+            _download(artifact_uri, WEIGHTS_FILE, staging, tracking_uri)
+            verify_checkpoint(staging)
+            with contextlib.suppress(OSError):  # another process has just put the same checkpoint there
+                Path(staging).rename(folder)
+    return folder
+
+
+def _download(artifact_uri: str, name: str, folder: str, tracking_uri: str) -> str:
+    """The local path of the file ``name`` under ``artifact_uri``, downloaded into ``folder``."""
+    return mlflow.artifacts.download_artifacts(
+        f"{artifact_uri.rstrip('/')}/{name}", dst_path=folder, tracking_uri=tracking_uri
+    )

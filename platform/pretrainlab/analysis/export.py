@@ -1,7 +1,7 @@
 """Export a trained classifier (logits) or its backbone (pooled features) to ONNX, checked with onnxruntime.
 
-    python -m pretrainlab.inference.export runs/<run>/checkpoint_.../checkpoint --out model.onnx
-    python -m pretrainlab.inference.export models:/fmnist-classifier@champion --out features.onnx --features
+    python -m pretrainlab.analysis.export runs/<run>/checkpoint_.../checkpoint --out model.onnx
+    python -m pretrainlab.analysis.export models:/fmnist-classifier@champion --out features.onnx --features
 
 The ONNX graph takes one float input ``image`` (``N x C x H x W``, already through the
 evaluation pipeline and normalised, as PretrainLab's evaluation feeds the model) and
@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from torch import nn
 
 from pretrainlab.analysis.outputs import AnalysisError, add_output_arguments, check_mlflow_run, publish
+from pretrainlab.checkpoint import CheckpointError
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.shards import load_manifest, shard_paths
@@ -35,7 +36,6 @@ from pretrainlab.data.transforms import PipelineError, eval_pipeline
 from pretrainlab.inference.loading import LoadedModel, load_model
 from pretrainlab.models.backbones import BackboneError
 from pretrainlab.tracking.mlflow import TrackingError
-from pretrainlab.train.checkpoint import CheckpointError
 
 KINDS = ("classifier", "features")
 _EXPORT_BATCH = 2

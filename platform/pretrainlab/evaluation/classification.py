@@ -1,74 +1,27 @@
-"""Classification metrics, accumulated as sums so that workers can add theirs together."""
+"""Classification evaluation: logits of a checkpoint on a split, top-1 / top-5 / loss and the confusion matrix."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
+from mlflow import MlflowClient
 from torch import nn
 
 from pretrainlab.config import DataConfig
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.dataset import load_split_numpy
 from pretrainlab.data.transforms import eval_pipeline, normalize
+from pretrainlab.evaluation.figures import save_confusion_matrix
 from pretrainlab.inference.loading import LoadedModel, load_model
-
-
-def classification_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``[summed loss, top-1 hits, top-5 hits, count]`` for one batch, as float64."""
-    k = min(5, logits.shape[1])
-    topk = logits.topk(k, dim=1).indices
-    hits = topk == labels[:, None]
-    return torch.tensor(
-        [
-            F.cross_entropy(logits.float(), labels, reduction="sum").item(),
-            hits[:, 0].sum().item(),
-            hits.any(dim=1).sum().item(),
-            labels.numel(),
-        ],
-        dtype=torch.float64,
-    )
-
-
-def all_reduce_sums(sums: torch.Tensor) -> torch.Tensor:
-    """Add the sums of every worker (a no-op outside a process group)."""
-    if dist.is_available() and dist.is_initialized():
-        device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
-        total = sums.to(device)
-        dist.all_reduce(total)
-        return total.cpu()
-    return sums
-
-
-def gather_from_workers(value: Any) -> list[Any]:
-    """Every worker's ``value`` (any picklable object), in rank order (``[value]`` outside a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [value]
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, value)
-    return parts
-
-
-def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Every worker's rows of ``tensor`` (any count per worker), concatenated in rank order (itself outside a
-    process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    return torch.cat(gather_from_workers(tensor.cpu()))
-
-
-def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
-    """Mean loss and top-1 / top-5 accuracy in percent."""
-    loss, top1, top5, count = sums.tolist()
-    if count == 0:
-        raise ValueError("no samples were evaluated")
-    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count}
+from pretrainlab.metrics.classification import evaluate_logits
+from pretrainlab.metrics.confusion import confusion_counts
+from pretrainlab.tracking.mlflow import MetricLogger
 
 
 def eval_batches(
@@ -93,11 +46,6 @@ def predict(
     return torch.cat(
         [model({"image": batch})["logits"].float().cpu() for batch in eval_batches(images, cfg, batch_size, device)]
     )
-
-
-def evaluate_logits(logits: torch.Tensor, labels: Iterable[int] | torch.Tensor) -> dict[str, float]:
-    """Loss, top-1 and top-5 of precomputed logits."""
-    return metrics_from_sums(classification_sums(logits, torch.as_tensor(labels, dtype=torch.long)))
 
 
 @dataclass
@@ -138,3 +86,13 @@ def evaluate_checkpoint(
         class_names=loaded.class_names,
         meta=loaded.meta,
     )
+
+
+def log_evaluation(client: MlflowClient, run_id: str, evaluation: Evaluation, step: int | None = None) -> None:
+    """Log ``{split}/{metric}`` values and the confusion matrix (PNG + CSV) of an evaluation to a run."""
+    prefix = evaluation.split
+    MetricLogger(client, run_id).log({f"{prefix}/{k}": v for k, v in evaluation.metrics.items()}, step or 0)
+    matrix = confusion_counts(evaluation.labels, evaluation.preds, len(evaluation.class_names))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_confusion_matrix(matrix, evaluation.class_names, tmp, title=f"{prefix} split")
+        client.log_artifacts(run_id, tmp, f"evaluation/{prefix}")

@@ -23,21 +23,21 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from pretrainlab.analysis.multimodal_samples import plot_samples
+from pretrainlab.checkpoint import CheckpointError
 from pretrainlab.config import DataConfig
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.dataset import load_split_annotated
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.scenes.language import caption_kind, expression_kind
 from pretrainlab.data.text import GROUNDING_PROMPT, VQA_PROMPT, bpe_ids, detokenize, prompted_sequences
+from pretrainlab.evaluation.classification import eval_batches
+from pretrainlab.evaluation.figures import plot_samples
+from pretrainlab.evaluation.image_text import evaluate_retrieval, scenes_text_kind
 from pretrainlab.inference.loading import LoadedModel
 from pretrainlab.metrics.captioning import caption_scores
 from pretrainlab.metrics.grounding import grounding_scores
 from pretrainlab.metrics.vqa import vqa_scores
 from pretrainlab.models.generation import Hypothesis
-from pretrainlab.train.checkpoint import CheckpointError
-from pretrainlab.train.evaluate import eval_batches
-from pretrainlab.train.image_text import evaluate_retrieval, scenes_text_kind
 
 Box = list[float]
 

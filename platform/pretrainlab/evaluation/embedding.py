@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrainlab.checkpoint import CheckpointError
 from pretrainlab.config import DataConfig
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.dataset import load_split_numpy
+from pretrainlab.evaluation.classification import eval_batches
 from pretrainlab.inference.loading import LoadedModel, load_model
-from pretrainlab.train.checkpoint import CheckpointError
-from pretrainlab.train.evaluate import eval_batches, evaluate_logits
-from pretrainlab.train.knn import knn_top1
+from pretrainlab.metrics.classification import evaluate_logits
+from pretrainlab.metrics.knn import knn_top1
 
 FEATURE_KINDS = ("pooled", "last-blocks")
 

@@ -3,7 +3,7 @@
     python jobs/finetune.py runs:/<pretraining-run-id>/checkpoint configs/finetune_vit-d6w96-p4_fmnist.yaml
     python jobs/finetune.py models:/fmnist-simclr@champion configs/resnet10t-s2_1xb128_fmnist.yaml --set optim.lr=0.02
 
-The run is jobs/pretrain.py's run of CONFIG with ``model.init_from`` set to
+The run is the same experiment run as jobs/pretrain.py's, of CONFIG with ``model.init_from`` set to
 ``{source: pretrainlab, path: CHECKPOINT}``: the checkpoint's ``backbone.*`` weights are loaded
 (any strategy's checkpoint), the classification head starts fresh. CONFIG must be a supervised
 config whose ``model.backbone`` and ``backbone_kwargs`` build the same network as the checkpoint's.
@@ -23,15 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
-
-import pretrain
 
 from pretrainlab.checkpoint import CheckpointError, fetch_checkpoint, load_checkpoint
 from pretrainlab.config import ConfigError, ExperimentConfig, load_config
 from pretrainlab.paths import MLFLOW_SCHEMES, resolve_tracking_uri
 from pretrainlab.tracking.mlflow import TrackingError, check_tracking
+from pretrainlab.train.experiment import run_experiment
 
 PRETRAINED_FROM_TAG = "pretrainlab.pretrained_from"
 PRETRAINED_CHECKPOINT_TAG = "pretrainlab.pretrained_checkpoint"
@@ -74,8 +72,8 @@ def pretraining_tags(checkpoint: str, meta: dict) -> dict[str, str]:
     return tags
 
 
-def prepare(args: argparse.Namespace) -> tuple[list[str], ExperimentConfig, dict[str, str]]:
-    """jobs/pretrain.py's arguments, the resolved config and the tags for the run; nothing is trained.
+def prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, dict[str, str]]:
+    """The resolved config and the tags of the run; nothing is trained.
 
     Raises:
         CheckpointError, ConfigError, TrackingError, FinetuneError: the message names the input at fault.
@@ -87,20 +85,18 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], ExperimentConfig, dict
     if args.checkpoint.startswith(MLFLOW_SCHEMES):
         check_tracking(resolve_tracking_uri(cfg.runtime.tracking_uri))
     meta = load_checkpoint(fetch_checkpoint(args.checkpoint, cfg.runtime.tracking_uri)).meta
-    run_name = args.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    argv = [args.config, *(item for override in overrides for item in ("--set", override)), "--run-name", run_name]
-    return argv, cfg, pretraining_tags(args.checkpoint, meta)
+    return cfg, pretraining_tags(args.checkpoint, meta)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        pretrain_argv, _, tags = prepare(args)
+        cfg, tags = prepare(args)
     except (CheckpointError, ConfigError, TrackingError, FinetuneError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"fine-tuning {args.checkpoint} with {args.config} (run {pretrain_argv[-1]!r})")
-    return pretrain.main([*pretrain_argv, *(item for k, v in tags.items() for item in ("--tag", f"{k}={v}"))])
+    print(f"fine-tuning {args.checkpoint} with {args.config}")
+    return run_experiment(cfg, args.run_name, tags)
 
 
 if __name__ == "__main__":

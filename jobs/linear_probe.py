@@ -3,6 +3,9 @@
     python jobs/linear_probe.py runs/<run-name>/checkpoint_.../checkpoint --epochs 100
     python jobs/linear_probe.py models:/fmnist-simclr@champion --lr 0.05 --no-mlflow
 
+On a cluster: ``ray job submit --working-dir . -- python jobs/linear_probe.py SOURCE`` (the
+evaluation itself runs in the job's driver process).
+
 The backbone's features of the train, validation and ``--split`` splits are extracted once
 (evaluation preprocessing); the classifier trains on the train features (standardised with
 their mean and std) with SGD and a cosine schedule, the epoch with the best top-1 on
@@ -20,33 +23,29 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-from knn_eval import ArgumentError, start_child_run
-from mlflow import MlflowClient
-from mlflow.entities import Metric
-
-from pretrainlab.checkpoint import CheckpointError
-from pretrainlab.data.errors import DatasetError
 from pretrainlab.evaluation.embedding import (
     FEATURE_KINDS,
     FeatureError,
-    ProbeHistory,
     checkpoint_features,
     evaluate_probe,
     train_linear_probe,
 )
-from pretrainlab.paths import resolve_tracking_uri
-from pretrainlab.tracking.mlflow import TrackingError, check_tracking, client_for
+from pretrainlab.evaluation.runs import (
+    JOB_ERRORS,
+    ArgumentError,
+    check_counts,
+    checked_tracking_uri,
+    job_parser,
+    log_child_run,
+    report_error,
+)
 
 TRAIN_SPLIT = "train"
-MLFLOW_BATCH = 1000
-"""Most metrics MLflow takes in one log_batch call."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="checkpoint folder, models:/NAME@alias, models:/NAME/VERSION or runs:/ID/path")
+    parser = job_parser(__doc__, batch_size=512)
     parser.add_argument("--epochs", type=int, default=100, help="epochs over the cached features (default: 100)")
     parser.add_argument("--lr", type=float, default=0.1, help="SGD peak learning rate (default: 0.1)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay (default: 0)")
@@ -55,19 +54,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", default="test", help="split to report (default: test)")
     parser.add_argument("--val-split", default="val", help="split that picks the best epoch (default: val)")
     parser.add_argument("--data", help="prepared dataset folder (default: the one in the checkpoint's config)")
-    parser.add_argument("--batch-size", type=int, default=512, help="images per forward pass")
     parser.add_argument(
         "--features", choices=FEATURE_KINDS, default="pooled", help="backbone features to probe (default: pooled)"
     )
     parser.add_argument("--blocks", type=int, default=4, help="ViT blocks for --features last-blocks (default: 4)")
-    parser.add_argument("--no-mlflow", action="store_true", help="print the metrics only")
     return parser.parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("epochs", "probe_batch_size", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_counts(args, "epochs", "probe_batch_size", "batch_size")
     if args.lr <= 0 or args.weight_decay < 0:
         raise ArgumentError(f"--lr must be positive and --weight-decay at least 0, got {args.lr}, {args.weight_decay}")
     if args.split in (TRAIN_SPLIT, args.val_split):
@@ -79,30 +74,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise ArgumentError(f"--val-split must not be the training split {TRAIN_SPLIT!r}")
 
 
-def log_probe(client: MlflowClient, run_id: str, metrics: dict[str, float], history: ProbeHistory) -> None:
-    """The probe's final metrics (step 0) and its per-epoch curves (step = epoch), in one batch."""
-    now = int(time.time() * 1000)
-    final = {f"linear_probe/{k}": v for k, v in metrics.items()} | {"linear_probe/best_epoch": history.best_epoch}
-    entries = [Metric(key, float(value), now, 0) for key, value in final.items()]
-    for epoch, (loss, top1) in enumerate(zip(history.train_loss, history.val_top1, strict=True), start=1):
-        entries.append(Metric("linear_probe/train_loss", loss, now, epoch))
-        entries.append(Metric("linear_probe/val_top1", top1, now, epoch))
-    for start in range(0, len(entries), MLFLOW_BATCH):
-        client.log_batch(run_id, metrics=entries[start : start + MLFLOW_BATCH])
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    tracking_uri = resolve_tracking_uri()
     try:
         check_args(args)
-        if not args.no_mlflow or args.source.startswith(("models:/", "runs:/")):
-            check_tracking(tracking_uri)
+        tracking_uri = checked_tracking_uri(args.source, args.no_mlflow)
         splits = [TRAIN_SPLIT, args.val_split, args.split]
         found = checkpoint_features(args.source, splits, args.data, args.batch_size, args.features, args.blocks)
-    except (ArgumentError, TrackingError, CheckpointError, FeatureError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (*JOB_ERRORS, FeatureError) as err:
+        return report_error(err)
     linear, history = train_linear_probe(
         *found.splits[TRAIN_SPLIT],
         *found.splits[args.val_split],
@@ -121,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_mlflow:
         return 0
 
-    client = client_for(tracking_uri)
     params = {
         "epochs": args.epochs,
         "lr": args.lr,
@@ -133,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.features == "last-blocks":
         params["blocks"] = args.blocks
-    run_id = start_child_run(client, found.loaded.meta, args.source, args.split, "linear_probe", params)
-    log_probe(client, run_id, metrics, history)
-    client.set_terminated(run_id, "FINISHED")
+    final = {f"linear_probe/{k}": v for k, v in metrics.items()} | {"linear_probe/best_epoch": history.best_epoch}
+    curves = {"linear_probe/train_loss": history.train_loss, "linear_probe/val_top1": history.val_top1}
+    meta = found.loaded.meta
+    run_id = log_child_run(tracking_uri, meta, args.source, args.split, "linear_probe", params, final, curves)
     print(f"logged to MLflow run {run_id} (store {tracking_uri})")
     return 0
 

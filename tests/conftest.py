@@ -11,6 +11,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import functools  # noqa: E402
+import inspect  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -280,3 +283,92 @@ def train_digits_checkpoint(cfg, data_folder: Path, out: Path, steps: int = 30, 
         optimizer.step()
         metrics = {"train/loss": loss.item()}
     return save_checkpoint(out, model.state_dict(), checkpoint_meta(cfg, info, 1, steps, metrics, run_id))
+
+
+# --- Markers: the tests that start Ray or a server (``make test-fast`` runs the others) -------------------------------
+
+# A test needs Ray or a server when it, a fixture it uses (directly or through other fixtures, autouse ones included),
+# or a module-level function or string that the test function names, has one of these in its source.
+RAY_FIXTURES = frozenset({"local_ray"})
+SERVER_FIXTURES = frozenset({"s3", "postgres"})
+STARTS_RAY = re.compile(  # a local Ray, `ray start` nodes, Ray Serve, the two-node cluster script
+    r"\bray\.init\(|\binit_ray\(|\bserve\.run\(|\bstart_ray_node\(|\blocal_ray\b|\bmultinode_cluster\b"
+)
+STARTS_SERVER = re.compile(r"\bMlflowServer\(|\bstart_server\(|\bMOTO_SERVER\b|\bmoto_server\b")  # mlflow, S3
+
+
+@functools.cache
+def _source_of(thing) -> str:
+    try:
+        return inspect.getsource(thing)
+    except (OSError, TypeError):
+        return ""
+
+
+def _sources(item: pytest.Item) -> list[str]:
+    function = getattr(item, "function", None)
+    if function is None:
+        return []
+    found = [_source_of(function)]
+    for definitions in item._fixtureinfo.name2fixturedefs.values():
+        found += [_source_of(definition.func) for definition in definitions]
+    space = vars(inspect.getmodule(function) or object())
+    for name in function.__code__.co_names:  # the module's helpers and scripts that the test names
+        value = space.get(name)
+        if isinstance(value, str):
+            found.append(value)
+        elif inspect.isfunction(value) and value.__module__ == function.__module__:
+            found.append(_source_of(value))
+    return found
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks ``needs_ray`` and ``needs_server`` (registered in pyproject.toml) on the tests that start them."""
+    for item in items:
+        names, sources = set(item.fixturenames), _sources(item)
+        if names & RAY_FIXTURES or any(STARTS_RAY.search(source) for source in sources):
+            item.add_marker(pytest.mark.needs_ray)
+        if names & SERVER_FIXTURES or any(STARTS_SERVER.search(source) for source in sources):
+            item.add_marker(pytest.mark.needs_server)
+
+
+# When a run leaves those tests out (``-m "not needs_ray and not needs_server"``), a test that starts Ray in this
+# process or a server through start_server / start_ray_node anyway fails and says which marker it lacks.
+_guard = {"active": False, "item": None}
+
+
+def _heavy(what: str, marker: str, start):
+    @functools.wraps(start)
+    def guarded(*args, **kwargs):
+        item = _guard["item"]
+        if _guard["active"] and item is not None and item.get_closest_marker(marker) is None:
+            pytest.fail(
+                f"{item.nodeid} starts {what} but is not marked {marker}: "
+                f"add @pytest.mark.{marker}, or teach tests/conftest.py's markers about it",
+                pytrace=False,
+            )
+        return start(*args, **kwargs)
+
+    return guarded
+
+
+start_server = _heavy("a server (start_server)", "needs_server", start_server)
+start_ray_node = _heavy("a Ray node (start_ray_node)", "needs_ray", start_ray_node)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    expression = config.getoption("markexpr", "") or ""
+    if re.search(r"not\s+needs_(ray|server)", expression):
+        import ray
+
+        _guard["active"] = True
+        ray.init = _heavy("Ray (ray.init)", "needs_ray", ray.init)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    _guard["item"] = item
+    try:
+        return (yield)
+    finally:
+        _guard["item"] = None

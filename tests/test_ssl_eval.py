@@ -11,11 +11,11 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import evaluate as evaluate_job
 import finetune
 import knn_eval
 import linear_probe
 import numpy as np
-import pretrain
 import pytest
 import timm
 import torch
@@ -27,6 +27,8 @@ from conftest import CONFIGS, train_digits_checkpoint
 from pretrainlab.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.config import load_config
 from pretrainlab.data.builtin import prepare_builtin
+from pretrainlab.data.dataset import load_split_numpy
+from pretrainlab.evaluation.classification import eval_batches
 from pretrainlab.evaluation.embedding import (
     FeatureError,
     evaluate_probe,
@@ -35,8 +37,10 @@ from pretrainlab.evaluation.embedding import (
     knn_accuracies,
     train_linear_probe,
 )
+from pretrainlab.evaluation.tasks import EVALUATORS, log_report
+from pretrainlab.inference.loading import load_model
 from pretrainlab.metrics.knn import knn_predict
-from pretrainlab.strategies import supervised
+from pretrainlab.strategies import get_strategy, supervised
 from pretrainlab.tracking.mlflow import client_for, ensure_experiment
 
 DIGITS_CONFIG = CONFIGS / "test-resnet_2xb32_digits.yaml"
@@ -260,15 +264,16 @@ def test_job_arguments_out_of_range_exit_2(digits, capsys):
     assert "picks its epoch on 'val'" in capsys.readouterr().err
 
 
-def test_pretrain_final_evaluation_of_embedding_checkpoints(digits):
+def test_final_evaluation_of_embedding_checkpoints(digits):
     run_id = digits.client.create_run(ensure_experiment(digits.client, "digits")).info.run_id
-    metrics = pretrain.evaluate_embedding(
-        digits.client, run_id, str(digits.checkpoint), str(digits.folder), digits.cfg, step=7
-    )
+    loaded = load_model(digits.checkpoint)
+    report = EVALUATORS["embedding"].evaluate_split(loaded, "test", str(digits.folder), 512)
+    log_report(digits.client, run_id, report, step=7)
+    metrics = report.metrics
     assert set(metrics) == {"knn_top1_k20", "knn_top1_k200"} and metrics["knn_top1_k20"] > 50.0
     logged = digits.client.get_metric_history(run_id, "test/knn_top1_k20")
     assert [(m.step, m.value) for m in logged] == [(7, metrics["knn_top1_k20"])]
-    assert [a.path for a in digits.client.list_artifacts(run_id, "tsne")] == ["tsne/tsne_test.png"]
+    assert [a.path for a in digits.client.list_artifacts(run_id, "evaluation/test")] == ["evaluation/test/tsne.png"]
 
 
 # --- fine-tuning -------------------------------------------------------------------------------
@@ -286,21 +291,15 @@ def test_finetune_overrides_point_init_from_at_the_checkpoint(tmp_path, monkeypa
 
 def test_finetune_prepares_the_pretrain_arguments_and_tags(digits):
     args = finetune.parse_args([str(digits.checkpoint), str(DIGITS_CONFIG), "--set", "optim.lr=0.01"])
-    argv, cfg, tags = finetune.prepare(args)
-    assert argv[:3] == [str(DIGITS_CONFIG), "--set", "optim.lr=0.01"]
-    assert argv[3:7] == [
-        "--set",
-        "model.init_from.source=pretrainlab",
-        "--set",
-        f'model.init_from.path="{digits.checkpoint}"',
-    ]
-    assert argv[7] == "--run-name" and argv[8].startswith("test-resnet_2xb32_digits-")
+    cfg, tags = finetune.prepare(args)
     assert cfg.optim.lr == 0.01 and cfg.model.init_from.path == str(digits.checkpoint)
+    assert cfg.model.init_from.source == "pretrainlab"
     assert tags == {
         "pretrainlab.pretrained_from": digits.parent,
         "pretrainlab.pretrained_checkpoint": str(digits.checkpoint),
     }
-    assert load_config(argv[0], argv[2:7:2]) == cfg
+    overrides = ["optim.lr=0.01", *finetune.finetune_overrides(str(digits.checkpoint))]
+    assert load_config(DIGITS_CONFIG, overrides) == cfg
 
 
 def test_finetune_rejects_bad_input_before_training(digits, capsys):
@@ -331,3 +330,35 @@ def test_finetune_config_starts_the_vit_from_a_checkpoint(tmp_path):
     for name, tensor in pretrained.backbone.state_dict().items():
         torch.testing.assert_close(model.backbone.state_dict()[name], tensor)
     assert Path(cfg.model.init_from.path).is_absolute() and cfg.optim.layer_decay == 0.75
+
+
+def test_evaluate_job_on_a_self_supervised_checkpoint(digits, capsys):
+    """jobs/evaluate.py measures an embedding checkpoint by kNN on its dataset, in a run nested under its own;
+    the kNN top-1 it logs is the one computed here from the backbone's features."""
+    cfg = load_config(DIGITS_CONFIG, ["strategy=simclr", 'data.views=[{"pipeline": [], "count": 2}]'])
+    info = {"class_names": [str(i) for i in range(10)], "num_classes": 10, "in_chans": 1}
+    torch.manual_seed(0)
+    model = get_strategy("simclr").build_model(cfg, 10, 1)
+    folder = save_checkpoint(
+        digits.checkpoint.parent / "simclr-checkpoint",
+        model.state_dict(),
+        checkpoint_meta(cfg, info, 1, 1, {}, digits.parent),
+    )
+    assert evaluate_job.main([str(folder), "--split", "test"]) == 0
+    printed = capsys.readouterr().out
+    child = [run for run in child_runs(digits.client, digits.parent) if "knn_top1_k20" in str(run.data.metrics)]
+    assert len(child) == 1
+    logged = child[0].data.metrics
+    assert set(logged) == {"test/knn_top1_k20", "test/knn_top1_k200"}
+    images_train, labels_train = load_split_numpy(digits.folder, "train")
+    images_test, labels_test = load_split_numpy(digits.folder, "test")
+    model.eval()
+    with torch.no_grad():
+        bank = torch.cat([model.backbone(b) for b in eval_batches(images_train, cfg.data)])
+        queries = torch.cat([model.backbone(b) for b in eval_batches(images_test, cfg.data)])
+    expected = knn_predict(queries, bank, torch.from_numpy(labels_train), 10, k=20).argmax(1)
+    top1 = 100.0 * (expected.numpy() == labels_test).mean()
+    assert logged["test/knn_top1_k20"] == pytest.approx(top1, abs=1e-4)  # MLflow keeps float32
+    assert "test/knn_top1_k20" not in printed and f"knn_top1_k20 {top1:.4f}" in printed
+    artifacts = [a.path for a in digits.client.list_artifacts(child[0].info.run_id, "evaluation/test")]
+    assert artifacts == ["evaluation/test/tsne.png"]

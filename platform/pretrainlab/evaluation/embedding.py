@@ -31,6 +31,12 @@ from pretrainlab.metrics.classification import evaluate_logits
 from pretrainlab.metrics.knn import knn_top1
 
 FEATURE_KINDS = ("pooled", "last-blocks")
+KNN_KS = (20, 200)
+"""Neighbour counts of the kNN evaluation of a finished run (the InstDisc / DINO protocol)."""
+KNN_TEMPERATURE = 0.07
+"""Temperature of the kNN votes."""
+VALIDATION_K = 20
+"""Neighbours of the leave-one-out kNN validation each epoch."""
 
 
 class FeatureError(ValueError):
@@ -105,7 +111,7 @@ def backbone_of(loaded: LoadedModel) -> nn.Module:
 
 
 def checkpoint_features(
-    source: str | os.PathLike,
+    source: str | os.PathLike | LoadedModel,
     splits: Iterable[str],
     data_folder: str | None = None,
     batch_size: int = 512,
@@ -120,7 +126,7 @@ def checkpoint_features(
         FeatureError: the backbone has no features of that kind.
         DatasetError: a split is unknown or its shards are damaged (checked before any features are computed).
     """
-    loaded = load_model(source)
+    loaded = source if isinstance(source, LoadedModel) else load_model(source)
     backbone = feature_extractor(backbone_of(loaded), kind, blocks)
     folder = data_folder or dataset_dir(loaded.config)
     arrays = {split: load_split_numpy(folder, split) for split in dict.fromkeys(splits)}
@@ -138,7 +144,7 @@ def knn_accuracies(
     query_labels: torch.Tensor,
     num_classes: int,
     ks: Iterable[int],
-    temperature: float = 0.07,
+    temperature: float = KNN_TEMPERATURE,
     exclude_self: bool = False,
 ) -> dict[int, float]:
     """kNN top-1 in percent for each ``k`` (``exclude_self``: the queries are the bank, leave-one-out)."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +32,11 @@ from torch import nn
 from pretrainlab.checkpoint import checkpoint_meta, save_checkpoint
 from pretrainlab.config import CheckpointConfig, ExperimentConfig
 from pretrainlab.data.pipeline import Preprocessor, build_mixup, to_model_inputs, training_batches
-from pretrainlab.distributed import all_reduce_sums, gather_from_workers, gather_rows
-from pretrainlab.evaluation.image_text import retrieval_validation
-from pretrainlab.metrics.classification import classification_sums, metrics_from_sums
-from pretrainlab.metrics.knn import knn_top1
+from pretrainlab.distributed import gather_from_workers
+from pretrainlab.evaluation.tasks import EVALUATORS
 from pretrainlab.models.backbones import uses_convolutions
 from pretrainlab.models.interop import LoadReport
-from pretrainlab.strategies import build_model, get_strategy
+from pretrainlab.strategies import build_model, task_of
 from pretrainlab.tracking.mlflow import MetricLogger, client_for
 from pretrainlab.train.allocator import keep_freed_memory
 from pretrainlab.train.optim import apply_hyperparameters, build_optimizer, scaled_lr
@@ -93,82 +90,14 @@ def _to_device(batch: dict[str, torch.Tensor], channels_last: bool) -> dict[str,
     return {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
 
 
-def _validation_batches(shard: Any, cfg: ExperimentConfig, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    prepare = Preprocessor(cfg.data, train=False)
-    for rows in shard.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="numpy"):
-        yield to_model_inputs(prepare(rows), cfg.data, device)
-
-
-def _image_text_batches(shard: Any, cfg: ExperimentConfig, device: torch.device) -> Iterator[tuple]:
-    prepare = Preprocessor(cfg.data, train=False)
-    for rows in shard.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="numpy"):
-        images = to_model_inputs(prepare(rows), cfg.data, device)["image"]
-        empty = [[]] * len(images)  # caption datasets have no negatives nor also_true texts
-        yield (
-            images,
-            *([list(texts) for texts in rows.get(field, empty)] for field in ("captions", "negatives", "also_true")),
-        )
-
-
 def validate(models: dict[str, nn.Module], shard: Any, cfg: ExperimentConfig, stepper: Stepper) -> dict:
-    """Validation metrics of each of ``models`` on the validation split (every worker's shard together).
-
-    Classification strategies: loss, top-1 and top-5 of the logits. Embedding strategies:
-    ``knn_top1``, leave-one-out k-nearest-neighbour top-1 (k=20) of the backbone's features
-    among all validation images. Image-text strategies: retrieval Recall@1/5/10 both ways
-    (``i2t_r1`` ... ``t2i_r10``, ``rsum``) among all validation images and their texts.
-    Generation strategies: the model's ``validation_metrics`` (``lm_loss``, the decoder's teacher-forced
-    loss on the first caption or questions / objects of each image; with a box head on grounding rows,
-    ``box_loss``, ``acc_iou50`` and ``miou``), averaged over every sample.
-    """
+    """Validation metrics of each of ``models`` on the validation split (every worker's shard together), by the
+    strategy's task (:data:`pretrainlab.evaluation.tasks.EVALUATORS`)."""
     for model in models.values():
         model.eval()
-    task = get_strategy(cfg.strategy).TASK
-    if task == "image_text":
-        with torch.no_grad(), stepper.autocast:
-            return retrieval_validation(
-                {name: unwrap(model) for name, model in models.items()},
-                _image_text_batches(shard, cfg, stepper.device),
-                cfg.data,
-                cfg.train.eval_batch_size,
-                stepper.device,
-            )
-    if task == "generation":
-        sums = {
-            name: {key: torch.zeros(2, dtype=torch.float64) for key in unwrap(model).validation_names}
-            for name, model in models.items()
-        }
-        with torch.no_grad(), stepper.autocast:
-            for batch in _validation_batches(shard, cfg, stepper.device):
-                for name, model in models.items():
-                    metrics, count = unwrap(model).validation_metrics(batch)
-                    for key, value in metrics.items():
-                        sums[name][key] += torch.tensor([value * count, count], dtype=torch.float64)
-        return {
-            name: {key: (lambda s: s[0] / s[1])(all_reduce_sums(total).tolist()) for key, total in totals.items()}
-            for name, totals in sums.items()
-        }
-    if task == "classification":
-        sums = {name: torch.zeros(4, dtype=torch.float64) for name in models}
-        with torch.no_grad(), stepper.autocast:
-            for batch in _validation_batches(shard, cfg, stepper.device):
-                for name, model in models.items():
-                    sums[name] += classification_sums(model({"image": batch["image"]})["logits"], batch["label"])
-        return {name: metrics_from_sums(all_reduce_sums(total)) for name, total in sums.items()}
-    features: dict[str, list[torch.Tensor]] = {name: [] for name in models}
-    labels = []
+    evaluator = EVALUATORS[task_of(cfg.strategy)]
     with torch.no_grad(), stepper.autocast:
-        for batch in _validation_batches(shard, cfg, stepper.device):
-            labels.append(batch["label"].cpu())
-            for name, model in models.items():
-                features[name].append(unwrap(model).backbone(batch["image"]).float().cpu())
-    all_labels = gather_rows(torch.cat(labels))
-    results = {}
-    for name, parts in features.items():
-        bank = gather_rows(torch.cat(parts))
-        top1 = knn_top1(bank, all_labels, bank, all_labels, int(all_labels.max()) + 1, k=20, exclude_self=True)
-        results[name] = {"knn_top1": top1}
-    return results
+        return evaluator.validate({name: unwrap(model) for name, model in models.items()}, shard, cfg, stepper.device)
 
 
 def better_weights(results: dict[str, dict[str, float]], cfg: CheckpointConfig) -> str:

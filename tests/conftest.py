@@ -292,7 +292,7 @@ def train_digits_checkpoint(cfg, data_folder: Path, out: Path, steps: int = 30, 
 RAY_FIXTURES = frozenset({"local_ray"})
 SERVER_FIXTURES = frozenset({"s3", "postgres"})
 STARTS_RAY = re.compile(  # a local Ray, `ray start` nodes, Ray Serve, the two-node cluster script
-    r"\bray\.init\(|\binit_ray\(|\bserve\.run\(|\bstart_ray_node\(|\blocal_ray\b|\bmultinode_cluster\b"
+    r"\bray\.init\(|\binit_ray\(|\bserve\.run\(|\bstart_ray_node\(|\blocal_ray\b|[\"']multinode_cluster\.py[\"']"
 )
 STARTS_SERVER = re.compile(r"\bMlflowServer\(|\bstart_server\(|\bMOTO_SERVER\b|\bmoto_server\b")  # mlflow, S3
 

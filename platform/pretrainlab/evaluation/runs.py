@@ -22,6 +22,7 @@ from pretrainlab.checkpoint import CheckpointError
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.paths import resolve_tracking_uri
 from pretrainlab.tracking.mlflow import MetricLogger, TrackingError, check_tracking, client_for, ensure_experiment
+from pretrainlab.tracking.registry import EVALUATION_TAG
 
 SOURCE_HELP = "checkpoint folder, models:/NAME@alias, models:/NAME/VERSION or runs:/ID/path"
 MLFLOW_BATCH = 1000
@@ -96,7 +97,7 @@ def start_child_run(
         The run's id.
     """
     experiment_id = ensure_experiment(client, meta["config"]["runtime"]["experiment"])
-    tags = {"pretrainlab.evaluated": source, "pretrainlab.split": split, "pretrainlab.protocol": protocol}
+    tags = {EVALUATION_TAG: source, "pretrainlab.split": split, "pretrainlab.protocol": protocol}
     if meta.get("mlflow_run_id"):
         tags["mlflow.parentRunId"] = meta["mlflow_run_id"]
     run_name = f"{protocol}-{split}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -127,7 +128,8 @@ def log_child_run(
     metrics: Mapping[str, float],
     curves: Mapping[str, Sequence[float]] | None = None,
 ) -> str:
-    """Log one evaluation of a checkpoint as a finished child run (see :func:`start_child_run`).
+    """Log one evaluation of a checkpoint as a child run (see :func:`start_child_run`), closed FINISHED,
+    or FAILED when logging raises.
 
     Args:
         tracking_uri: The tracking store.
@@ -144,7 +146,11 @@ def log_child_run(
     """
     client = client_for(tracking_uri)
     run_id = start_child_run(client, meta, source, split, protocol, params)
-    MetricLogger(client, run_id).log(metrics, 0)
-    log_curves(client, run_id, curves or {})
+    try:
+        MetricLogger(client, run_id).log(metrics, 0)
+        log_curves(client, run_id, curves or {})
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
     client.set_terminated(run_id, "FINISHED")
     return run_id

@@ -199,9 +199,11 @@ def evaluate_generation(loaded: LoadedModel, split: str, data_folder: str, batch
 
 
 EVALUATORS: dict[Task, TaskEvaluator] = {
-    "classification": TaskEvaluator(validate_classification, evaluate_classification, ("test",), ("top1", "top5")),
+    "classification": TaskEvaluator(
+        validate_classification, evaluate_classification, ("test",), {"top1": "top-1", "top5": "top-5"}
+    ),
     "embedding": TaskEvaluator(
-        validate_embedding, evaluate_embedding, ("test",), tuple(f"knn_top1_k{k}" for k in KNN_KS)
+        validate_embedding, evaluate_embedding, ("test",), {f"knn_top1_k{k}": f"kNN top-1 k={k}" for k in KNN_KS}
     ),
     "image_text": TaskEvaluator(
         validate_image_text,

@@ -3,6 +3,8 @@
     python jobs/finetune.py runs:/<pretraining-run-id>/checkpoint configs/finetune_vit-d6w96-p4_fmnist.yaml
     python jobs/finetune.py models:/fmnist-simclr@champion configs/resnet10t-s2_1xb128_fmnist.yaml --set optim.lr=0.02
 
+On a cluster: ``ray job submit --working-dir . -- python jobs/finetune.py CHECKPOINT CONFIG``.
+
 The run is the same experiment run as jobs/pretrain.py's, of CONFIG with ``model.init_from`` set to
 ``{source: pretrainlab, path: CHECKPOINT}``: the checkpoint's ``backbone.*`` weights are loaded
 (any strategy's checkpoint), the classification head starts fresh. CONFIG must be a supervised

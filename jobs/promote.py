@@ -4,6 +4,8 @@
     python jobs/promote.py --experiment pretrainlab --metric val/loss --mode min --alias staging \
         --filter "tags.strategy = 'supervised'" --dry-run
 
+On a cluster: ``ray job submit --working-dir . -- python jobs/promote.py --experiment fmnist --metric best/val/top1``.
+
 The best FINISHED run by the metric must have a ``checkpoint`` artifact. Its checkpoint is
 registered as a version of ``--model`` (default: the run's ``runtime.registered_model``),
 or the version already registered from that run is reused, and the alias (default

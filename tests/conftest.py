@@ -295,6 +295,32 @@ STARTS_RAY = re.compile(  # a local Ray, `ray start` nodes, Ray Serve, the two-n
     r"\bray\.init\(|\binit_ray\(|\bserve\.run\(|\bstart_ray_node\(|\blocal_ray\b|[\"']multinode_cluster\.py[\"']"
 )
 STARTS_SERVER = re.compile(r"\bMlflowServer\(|\bstart_server\(|\bMOTO_SERVER\b|\bmoto_server\b")  # mlflow, S3
+# Tests (ids without parameters) that start neither but take over ~8 s on a 2-core machine (all their parameters
+# together), or whose module fixture does: ``slow``, which ``make test-fast`` leaves out as well (and runs in about
+# 2 minutes). Measured under pytest-xdist's two workers.
+SLOW_TESTS = frozenset(
+    {
+        "test_blip.py::test_decoder_overfits_captions_of_16_images",  # minutes
+        "test_blip.py::test_box_head_fits_the_boxes_of_16_images",
+        "test_blip.py::test_each_kind_of_row_trains_two_steps_with_finite_losses",
+        "test_blip.py::test_image_text_configs_load_and_build",
+        "test_recipes.py::test_bf16_autocast_on_cpu_trains_in_bfloat16_and_learns",
+        "test_security_defaults.py::test_every_job_and_benchmark_imports_pretrainlab_before_ray",
+        "test_scenes.py::test_a_question_only_model_stays_near_chance",  # the 4,000-image `large` fixture
+        "test_scenes.py::test_compositional_split_holds_only_held_out_combinations",  # the same
+        "test_backbones.py::test_family_forward_backward_gives_feature_width",
+        "test_backbones.py::test_stem_stride_sets_feature_map_side",
+        "test_prepare_data_hostile.py::test_every_annotation_field_takes_every_hostile_value",
+        "test_generation_eval.py::test_evaluate_job_reports_the_task_metrics_of_a_blip_checkpoint",
+        "test_generation_eval.py::test_ranked_answers_are_the_most_likely_of_the_vocabulary_for_their_own_image",
+        "test_analysis_visual.py::test_onnx_vit_features_cli",
+        # two gloo worker processes against one
+        "test_clip.py::test_two_workers_match_one_on_the_whole_batch_with_and_without_hard_negatives",
+        "test_ssl_contrastive.py::test_two_workers_match_one_on_the_whole_batch",
+        "test_ssl_dino.py::test_two_workers_match_one_on_the_whole_batch",
+        "test_ssl_siamese.py::test_barlow_twins_on_two_workers_matches_one_worker_on_the_whole_batch",
+    }
+)
 
 
 @functools.cache
@@ -323,8 +349,11 @@ def _sources(item: pytest.Item) -> list[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Marks ``needs_ray`` and ``needs_server`` (registered in pyproject.toml) on the tests that start them."""
+    """Marks ``needs_ray`` and ``needs_server`` (registered in pyproject.toml) on the tests that start them, and
+    ``slow`` on SLOW_TESTS."""
     for item in items:
+        if f"{item.path.name}::{getattr(item, 'originalname', item.name)}" in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
         names, sources = set(item.fixturenames), _sources(item)
         if names & RAY_FIXTURES or any(STARTS_RAY.search(source) for source in sources):
             item.add_marker(pytest.mark.needs_ray)

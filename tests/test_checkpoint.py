@@ -148,7 +148,7 @@ def test_resume_refuses_when_no_checkpoint_is_good(tmp_path):
 def test_the_final_evaluation_passes_over_a_damaged_best_checkpoint(tmp_path, capsys):
     from ray.train import Checkpoint, Result
 
-    from pretrainlab.train.experiment import best_good_checkpoint  # jobs/ is on sys.path through conftest
+    from pretrainlab.train.experiment import best_good_checkpoint
 
     folders = run_folder(tmp_path, 3)
     scores = [{"val/top1": value} for value in (50.0, 90.0, 70.0)]

@@ -17,10 +17,10 @@ that the model should beat by a wide margin:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from torch import nn
 
 from pretrainlab.checkpoint import CheckpointError
@@ -38,6 +38,9 @@ from pretrainlab.metrics.captioning import caption_scores
 from pretrainlab.metrics.grounding import grounding_scores
 from pretrainlab.metrics.vqa import vqa_scores
 from pretrainlab.models.generation import Hypothesis
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 Box = list[float]
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from torch import nn
 
@@ -192,8 +191,7 @@ def evaluate_generation(loaded: LoadedModel, split: str, data_folder: str, batch
     metrics = evaluate_generation_split(loaded, split, data_folder, batch_size)
 
     def write(folder: Path) -> None:
-        figure: Figure = generation_samples_figure(loaded, split, data_folder)
-        figure.savefig(folder / "samples.png")
+        generation_samples_figure(loaded, split, data_folder).savefig(folder / "samples.png")
 
     return SplitReport(split, metrics, write)
 

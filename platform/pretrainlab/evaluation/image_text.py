@@ -21,7 +21,7 @@ from pretrainlab.data.scenes import GENERATOR_VERSION
 from pretrainlab.data.scenes.language import caption_kind
 from pretrainlab.data.shards import load_manifest
 from pretrainlab.data.text import tokenize
-from pretrainlab.distributed import gather_from_workers, gather_rows
+from pretrainlab.distributed import gather_from_workers, gather_rows, rank_and_world
 from pretrainlab.evaluation.classification import eval_batches
 from pretrainlab.inference.loading import LoadedModel
 from pretrainlab.metrics.retrieval import (
@@ -31,7 +31,6 @@ from pretrainlab.metrics.retrieval import (
     text_gallery,
 )
 from pretrainlab.models.text import encode_texts
-from pretrainlab.strategies.common import rank_and_world
 
 
 @torch.no_grad()

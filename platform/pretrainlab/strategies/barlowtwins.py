@@ -13,11 +13,12 @@ import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 from pretrainlab.config import ExperimentConfig
+from pretrainlab.distributed import distributed, rank_and_world
 from pretrainlab.models.backbones import feature_dim
 from pretrainlab.models.heads import MLPHead
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
-from pretrainlab.strategies.common import check_two_views, distributed, rank_and_world
+from pretrainlab.strategies.common import check_two_views
 from pretrainlab.strategy_params import BarlowTwinsParams
 
 TASK = "embedding"

@@ -33,6 +33,7 @@ from torch import nn
 from pretrainlab.config import ExperimentConfig
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.data.text import DECODER_VOCAB_SIZE, FIRST_LOCATION_ID, generated_box, tokenizer
+from pretrainlab.distributed import rank_and_world
 from pretrainlab.metrics.grounding import grounding_scores
 from pretrainlab.models.box_head import CellBoxHead
 from pretrainlab.models.decoder import MultimodalDecoder
@@ -40,7 +41,6 @@ from pretrainlab.models.generation import Hypothesis, beam_search
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
 from pretrainlab.models.text import TextTransformer, filled_length
-from pretrainlab.strategies.common import rank_and_world
 from pretrainlab.strategy_params import BlipParams
 
 TASK = "generation"

@@ -26,11 +26,11 @@ from torch import nn
 
 from pretrainlab.config import ExperimentConfig
 from pretrainlab.data.errors import DatasetError
+from pretrainlab.distributed import gather_with_grad, rank_and_world
 from pretrainlab.models.backbones import feature_dim
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
 from pretrainlab.models.text import build_text_tower, filled_length
-from pretrainlab.strategies.common import gather_with_grad, rank_and_world
 from pretrainlab.strategy_params import ClipParams
 
 TASK = "image_text"

@@ -1,7 +1,6 @@
-"""What the self-supervised strategies share: collectives across Ray Train workers, momentum encoders.
+"""What the self-supervised strategies share: momentum encoders and their schedule, the two-view check.
 
-Every function works both inside a ``torch.distributed`` process group (the one Ray Train sets
-up for its workers) and without one (a single worker, a test, a notebook).
+Their collectives across Ray Train workers are in :mod:`pretrainlab.distributed`.
 """
 
 from __future__ import annotations
@@ -10,40 +9,9 @@ import copy
 import math
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 from pretrainlab.config import ExperimentConfig
-
-
-def distributed() -> bool:
-    """Whether a process group with more than one member is running."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This worker's rank and the number of workers (0, 1 without a process group)."""
-    return (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
-
-
-def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Every worker's ``tensor`` concatenated along dim 0 in rank order; gradients flow back to each worker's own.
-
-    All workers must pass tensors of the same shape.
-    """
-    if not distributed():
-        return tensor
-    return torch.cat(dist_fn.all_gather(tensor), dim=0)
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of ``tensor`` over workers (a copy; no gradient)."""
-    if not distributed():
-        return tensor.detach().clone()
-    total = tensor.detach().clone()
-    dist.all_reduce(total)
-    return total / dist.get_world_size()
 
 
 def cosine_momentum(step: int, total_steps: int, base: float, final: float = 1.0) -> float:

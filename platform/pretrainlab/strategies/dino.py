@@ -19,10 +19,11 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from pretrainlab.config import ExperimentConfig
+from pretrainlab.distributed import all_reduce_mean
 from pretrainlab.models.backbones import feature_dim
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
-from pretrainlab.strategies.common import all_reduce_mean, cosine_momentum, frozen_copy, momentum_update
+from pretrainlab.strategies.common import cosine_momentum, frozen_copy, momentum_update
 from pretrainlab.strategy_params import DinoParams
 
 TASK = "embedding"

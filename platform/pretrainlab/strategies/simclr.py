@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrainlab.config import ExperimentConfig
+from pretrainlab.distributed import gather_with_grad, rank_and_world
 from pretrainlab.models.backbones import feature_dim
 from pretrainlab.models.heads import MLPHead
 from pretrainlab.models.init import build_backbone
 from pretrainlab.models.interop import LoadReport
-from pretrainlab.strategies.common import check_two_views, gather_with_grad, rank_and_world
+from pretrainlab.strategies.common import check_two_views
 from pretrainlab.strategy_params import SimClrParams
 
 TASK = "embedding"

@@ -1,6 +1,6 @@
 """What the evaluation jobs share: their common arguments and errors, and their MLflow child runs.
 
-A job (``jobs/knn_eval.py``, ``jobs/linear_probe.py``, ``jobs/zero_shot.py``) parses its arguments
+A job (``jobs/evaluate.py``, ``jobs/knn_eval.py``, ``jobs/linear_probe.py``, ``jobs/zero_shot.py``) parses its arguments
 with :func:`job_parser`, checks the tracking store with :func:`checked_tracking_uri` before any
 work, reports a bad input (one of ``JOB_ERRORS``) with :func:`report_error` (``error: ...`` on
 stderr, exit code 2), and logs its metrics with :func:`log_child_run`: a run of its own, nested
@@ -21,7 +21,14 @@ from mlflow.entities import Metric, Param
 from pretrainlab.checkpoint import CheckpointError
 from pretrainlab.data.errors import DatasetError
 from pretrainlab.paths import resolve_tracking_uri
-from pretrainlab.tracking.mlflow import MetricLogger, TrackingError, check_tracking, client_for, ensure_experiment
+from pretrainlab.tracking.mlflow import (
+    MetricLogger,
+    TrackingError,
+    check_tracking,
+    client_for,
+    closing_run,
+    ensure_experiment,
+)
 from pretrainlab.tracking.registry import EVALUATION_TAG
 
 SOURCE_HELP = "checkpoint folder, models:/NAME@alias, models:/NAME/VERSION or runs:/ID/path"
@@ -146,11 +153,7 @@ def log_child_run(
     """
     client = client_for(tracking_uri)
     run_id = start_child_run(client, meta, source, split, protocol, params)
-    try:
+    with closing_run(client, run_id):
         MetricLogger(client, run_id).log(metrics, 0)
         log_curves(client, run_id, curves or {})
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
     return run_id

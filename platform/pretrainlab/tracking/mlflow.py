@@ -14,7 +14,8 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -111,6 +112,17 @@ def start_or_resume_run(
         return run_id, True
     run = client.create_run(experiment_id, run_name=run_name, tags={**tags, RUN_NAME_TAG: run_name})
     return run.info.run_id, False
+
+
+@contextmanager
+def closing_run(client: MlflowClient, run_id: str) -> Iterator[None]:
+    """Close run ``run_id`` FINISHED when the block ends, or FAILED when it raises: no run is left RUNNING."""
+    try:
+        yield
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
 
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> dict[str, tuple[str, str]]:

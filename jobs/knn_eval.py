@@ -20,7 +20,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pretrainlab.evaluation.embedding import checkpoint_features, knn_accuracies
+from pretrainlab.evaluation.embedding import (
+    KNN_BANK_SPLIT,
+    KNN_KS,
+    KNN_TEMPERATURE,
+    checkpoint_features,
+    knn_accuracies,
+)
 from pretrainlab.evaluation.runs import (
     JOB_ERRORS,
     ArgumentError,
@@ -31,13 +37,17 @@ from pretrainlab.evaluation.runs import (
     report_error,
 )
 
-BANK_SPLIT = "train"
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = job_parser(__doc__, batch_size=512)
-    parser.add_argument("--k", type=int, nargs="+", default=[20, 200], help="neighbour counts (default: 20 200)")
-    parser.add_argument("--temperature", type=float, default=0.07, help="vote weight temperature (default: 0.07)")
+    ks = " ".join(map(str, KNN_KS))
+    parser.add_argument("--k", type=int, nargs="+", default=list(KNN_KS), help=f"neighbour counts (default: {ks})")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=KNN_TEMPERATURE,
+        help=f"vote weight temperature (default: {KNN_TEMPERATURE})",
+    )
     parser.add_argument("--split", default="test", help="query split; the train split is the bank (default: test)")
     parser.add_argument("--data", help="prepared dataset folder (default: the one in the checkpoint's config)")
     return parser.parse_args(argv)
@@ -56,22 +66,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         tracking_uri = checked_tracking_uri(args.source, args.no_mlflow)
-        found = checkpoint_features(args.source, [BANK_SPLIT, args.split], args.data, args.batch_size)
+        found = checkpoint_features(args.source, [KNN_BANK_SPLIT, args.split], args.data, args.batch_size)
     except JOB_ERRORS as err:
         return report_error(err)
-    bank, bank_labels = found.splits[BANK_SPLIT]
+    bank, bank_labels = found.splits[KNN_BANK_SPLIT]
     queries, query_labels = found.splits[args.split]
     accuracies = knn_accuracies(
-        bank, bank_labels, queries, query_labels, found.num_classes, args.k, args.temperature, args.split == BANK_SPLIT
+        bank,
+        bank_labels,
+        queries,
+        query_labels,
+        found.num_classes,
+        args.k,
+        args.temperature,
+        args.split == KNN_BANK_SPLIT,
     )
     print(
-        f"{args.source} kNN on {args.split} (bank: {BANK_SPLIT}, temperature {args.temperature:g}): "
+        f"{args.source} kNN on {args.split} (bank: {KNN_BANK_SPLIT}, temperature {args.temperature:g}): "
         + "  ".join(f"top-1 k={k} {top1:.2f}%" for k, top1 in accuracies.items())
     )
     if args.no_mlflow:
         return 0
 
-    params = {"k": " ".join(map(str, args.k)), "temperature": args.temperature, "bank": BANK_SPLIT}
+    params = {"k": " ".join(map(str, args.k)), "temperature": args.temperature, "bank": KNN_BANK_SPLIT}
     metrics = {f"knn/top1_k{k}": top1 for k, top1 in accuracies.items()}
     run_id = log_child_run(tracking_uri, found.loaded.meta, args.source, args.split, "knn", params, metrics)
     print(f"logged to MLflow run {run_id} (store {tracking_uri})")

@@ -1,27 +1,22 @@
-"""Classification evaluation: logits of a checkpoint on a split, top-1 / top-5 / loss and the confusion matrix."""
+"""Classification evaluation: the logits of a checkpoint on a split, with their top-1 / top-5 / loss."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from mlflow import MlflowClient
 from torch import nn
 
 from pretrainlab.config import DataConfig
 from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.dataset import load_split_numpy
 from pretrainlab.data.transforms import eval_pipeline, normalize
-from pretrainlab.evaluation.figures import save_confusion_matrix
 from pretrainlab.inference.loading import LoadedModel, load_model
 from pretrainlab.metrics.classification import evaluate_logits
-from pretrainlab.metrics.confusion import confusion_counts
-from pretrainlab.tracking.mlflow import MetricLogger
 
 
 def eval_batches(
@@ -86,13 +81,3 @@ def evaluate_checkpoint(
         class_names=loaded.class_names,
         meta=loaded.meta,
     )
-
-
-def log_evaluation(client: MlflowClient, run_id: str, evaluation: Evaluation, step: int | None = None) -> None:
-    """Log ``{split}/{metric}`` values and the confusion matrix (PNG + CSV) of an evaluation to a run."""
-    prefix = evaluation.split
-    MetricLogger(client, run_id).log({f"{prefix}/{k}": v for k, v in evaluation.metrics.items()}, step or 0)
-    matrix = confusion_counts(evaluation.labels, evaluation.preds, len(evaluation.class_names))
-    with tempfile.TemporaryDirectory() as tmp:
-        save_confusion_matrix(matrix, evaluation.class_names, tmp, title=f"{prefix} split")
-        client.log_artifacts(run_id, tmp, f"evaluation/{prefix}")

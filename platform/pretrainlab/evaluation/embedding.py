@@ -35,6 +35,8 @@ KNN_KS = (20, 200)
 """Neighbour counts of the kNN evaluation of a finished run (the InstDisc / DINO protocol)."""
 KNN_TEMPERATURE = 0.07
 """Temperature of the kNN votes."""
+KNN_BANK_SPLIT = "train"
+"""The split whose features are the kNN bank; queries from it are scored leave-one-out."""
 VALIDATION_K = 20
 """Neighbours of the leave-one-out kNN validation each epoch."""
 

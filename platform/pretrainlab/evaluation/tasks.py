@@ -32,7 +32,14 @@ from pretrainlab.data.pipeline import Preprocessor, to_model_inputs
 from pretrainlab.data.shards import load_manifest
 from pretrainlab.distributed import all_reduce_sums, gather_rows
 from pretrainlab.evaluation.classification import evaluate_checkpoint
-from pretrainlab.evaluation.embedding import KNN_KS, KNN_TEMPERATURE, VALIDATION_K, checkpoint_features, knn_accuracies
+from pretrainlab.evaluation.embedding import (
+    KNN_BANK_SPLIT,
+    KNN_KS,
+    KNN_TEMPERATURE,
+    VALIDATION_K,
+    checkpoint_features,
+    knn_accuracies,
+)
 from pretrainlab.evaluation.figures import save_confusion_matrix, stratified_indices, tsne_embed, tsne_plot
 from pretrainlab.evaluation.generation import evaluate_generation_split, generation_samples_figure
 from pretrainlab.evaluation.image_text import evaluate_retrieval_split, retrieval_validation
@@ -96,7 +103,9 @@ def _image_text_batches(shard: Any, cfg: ExperimentConfig, device: torch.device)
         )
 
 
-def validate_classification(models, shard, cfg, device) -> dict[str, dict[str, float]]:
+def validate_classification(
+    models: dict[str, nn.Module], shard: Any, cfg: ExperimentConfig, device: torch.device
+) -> dict[str, dict[str, float]]:
     """Loss, top-1 and top-5 of each model's logits over every worker's validation rows."""
     sums = {name: torch.zeros(4, dtype=torch.float64) for name in models}
     for batch in _batches(shard, cfg, device):
@@ -105,7 +114,9 @@ def validate_classification(models, shard, cfg, device) -> dict[str, dict[str, f
     return {name: metrics_from_sums(all_reduce_sums(total)) for name, total in sums.items()}
 
 
-def validate_embedding(models, shard, cfg, device) -> dict[str, dict[str, float]]:
+def validate_embedding(
+    models: dict[str, nn.Module], shard: Any, cfg: ExperimentConfig, device: torch.device
+) -> dict[str, dict[str, float]]:
     """``knn_top1``: leave-one-out kNN top-1 (k=20) of each model's backbone features among all validation images."""
     features: dict[str, list[torch.Tensor]] = {name: [] for name in models}
     labels = []
@@ -123,14 +134,18 @@ def validate_embedding(models, shard, cfg, device) -> dict[str, dict[str, float]
     return results
 
 
-def validate_image_text(models, shard, cfg, device) -> dict[str, dict[str, float]]:
+def validate_image_text(
+    models: dict[str, nn.Module], shard: Any, cfg: ExperimentConfig, device: torch.device
+) -> dict[str, dict[str, float]]:
     """Retrieval Recall@1/5/10 both ways (``i2t_r1`` ... ``t2i_r10``, ``rsum``) among all validation images and
     their texts."""
     batches = _image_text_batches(shard, cfg, device)
     return retrieval_validation(models, batches, cfg.data, cfg.train.eval_batch_size, device)
 
 
-def validate_generation(models, shard, cfg, device) -> dict[str, dict[str, float]]:
+def validate_generation(
+    models: dict[str, nn.Module], shard: Any, cfg: ExperimentConfig, device: torch.device
+) -> dict[str, dict[str, float]]:
     """Each model's ``validation_metrics`` (``lm_loss``, the decoder's teacher-forced loss on the first caption or
     the questions / objects of each image; with a box head on grounding rows ``box_loss``, ``acc_iou50``, ``miou``),
     averaged over every sample of every worker."""
@@ -163,10 +178,14 @@ def evaluate_classification(loaded: LoadedModel, split: str, data_folder: str, b
 
 def evaluate_embedding(loaded: LoadedModel, split: str, data_folder: str, batch_size: int) -> SplitReport:
     """kNN top-1 of the backbone's features (``knn_top1_k20``, ``knn_top1_k200``: the train split is the bank,
-    ``split`` the queries) and a t-SNE picture of a class-stratified sample of ``split``'s features."""
-    found = checkpoint_features(loaded, ["train", split], data_folder, batch_size)
-    (bank, bank_labels), (queries, labels) = found.splits["train"], found.splits[split]
-    accuracies = knn_accuracies(bank, bank_labels, queries, labels, found.num_classes, KNN_KS, KNN_TEMPERATURE)
+    ``split`` the queries; on the train split itself, leave-one-out) and a t-SNE picture of a class-stratified
+    sample of ``split``'s features."""
+    found = checkpoint_features(loaded, [KNN_BANK_SPLIT, split], data_folder, batch_size)
+    (bank, bank_labels), (queries, labels) = found.splits[KNN_BANK_SPLIT], found.splits[split]
+    leave_one_out = split == KNN_BANK_SPLIT
+    accuracies = knn_accuracies(
+        bank, bank_labels, queries, labels, found.num_classes, KNN_KS, KNN_TEMPERATURE, leave_one_out
+    )
     cfg = loaded.config
 
     def write(folder: Path) -> None:
@@ -201,7 +220,7 @@ EVALUATORS: dict[Task, TaskEvaluator] = {
         validate_classification, evaluate_classification, ("test",), {"top1": "top-1", "top5": "top-5"}
     ),
     "embedding": TaskEvaluator(
-        validate_embedding, evaluate_embedding, ("test",), {f"knn_top1_k{k}": f"kNN top-1 k={k}" for k in KNN_KS}
+        validate_embedding, evaluate_embedding, ("test",), {f"knn_top1_k{k}": f"knn_top1_k{k}" for k in KNN_KS}
     ),
     "image_text": TaskEvaluator(
         validate_image_text,
@@ -226,9 +245,12 @@ def dataset_test_splits(task: Task, data_folder: str) -> list[str]:
     return [split for split in EVALUATORS[task].test_splits if split in have]
 
 
-def log_report(client: MlflowClient, run_id: str, report: SplitReport, step: int = 0) -> None:
-    """Log ``<split>/<metric>`` values and the report's files (under ``evaluation/<split>/``) to a run."""
+def log_report(client: MlflowClient, run_id: str, report: SplitReport, step: int = 0, pictures: bool = True) -> None:
+    """Log ``<split>/<metric>`` values and, with ``pictures``, the report's files (under ``evaluation/<split>/``)
+    to a run."""
     MetricLogger(client, run_id).log({f"{report.split}/{k}": v for k, v in report.metrics.items()}, step)
+    if not pictures:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         report.write_artifacts(Path(tmp))
         if any(Path(tmp).iterdir()):

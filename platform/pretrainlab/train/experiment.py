@@ -84,16 +84,17 @@ def best_good_checkpoint(result: Result, score: str, mode: str) -> Iterator[tupl
     raise CheckpointError(f"none of the {len(ranked)} kept checkpoints of the run can be loaded")
 
 
-def test_checkpoint(client: MlflowClient, run_id: str, cfg: ExperimentConfig, folder: str, data_folder: str) -> str:
-    """Evaluate the checkpoint in ``folder`` on the dataset's test splits and log each report; the test split's
-    summary line."""
+def evaluate_on_test_splits(
+    client: MlflowClient, run_id: str, cfg: ExperimentConfig, folder: str, data_folder: str, step: int
+) -> str:
+    """Evaluate the checkpoint in ``folder`` on the dataset's test splits and log each report at ``step`` (pictures
+    of the test split only); the test split's summary line."""
     task = task_of(cfg.strategy)
     loaded = load_model(folder)
-    step = int(loaded.meta["step"])
     summary = ""
     for split in dataset_test_splits(task, data_folder):
         report = EVALUATORS[task].evaluate_split(loaded, split, data_folder, cfg.train.eval_batch_size)
-        log_report(client, run_id, report, step)
+        log_report(client, run_id, report, step, pictures=split == "test")
         if split == "test":
             summary = report.summary(EVALUATORS[task].summary, EVALUATORS[task].unit)
     return summary
@@ -133,7 +134,8 @@ def run_experiment(cfg: ExperimentConfig, run_name: str | None = None, extra_tag
         with best_good_checkpoint(result, score, cfg.train.checkpoint.score_mode) as (best, best_metrics, folder):
             # the best epoch's value, so that jobs/promote.py --metric best/val/top1 ranks runs by their checkpoints
             client.log_metric(run_id, f"best/{score}", best_metrics[score])
-            summary = test_checkpoint(client, run_id, cfg, folder, data_folder)
+            step = int(result.metrics["step"])
+            summary = evaluate_on_test_splits(client, run_id, cfg, folder, data_folder, step)
             client.log_artifacts(run_id, folder, CHECKPOINT_ARTIFACT)
         version = None
         if cfg.runtime.registered_model:

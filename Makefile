@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export HF_HUB_OFFLINE := 1
 
-# The tests that start neither Ray nor a server process and take seconds; tests/conftest.py sets the markers.
+# The tests that start neither Ray nor a server process and take seconds; the test files set the markers.
 FAST_TESTS := not needs_ray and not needs_server and not slow
 
 .PHONY: setup lint-imports train test test-fast benchmark mlflow-ui

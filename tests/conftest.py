@@ -12,7 +12,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import functools  # noqa: E402
-import inspect  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -285,84 +284,9 @@ def train_digits_checkpoint(cfg, data_folder: Path, out: Path, steps: int = 30, 
     return save_checkpoint(out, model.state_dict(), checkpoint_meta(cfg, info, 1, steps, metrics, run_id))
 
 
-# --- Markers: the tests that start Ray or a server (``make test-fast`` runs the others) -------------------------------
-
-# A test needs Ray or a server when it, a fixture it uses (directly or through other fixtures, autouse ones included),
-# or a module-level function or string that the test function names, has one of these in its source.
-RAY_FIXTURES = frozenset({"local_ray"})
-SERVER_FIXTURES = frozenset({"s3", "postgres"})
-STARTS_RAY = re.compile(  # a local Ray, `ray start` nodes, Ray Serve, the two-node cluster script
-    r"\bray\.init\(|\binit_ray\(|\bserve\.run\(|\bstart_ray_node\(|\blocal_ray\b|[\"']multinode_cluster\.py[\"']"
-)
-STARTS_SERVER = re.compile(r"\bMlflowServer\(|\bstart_server\(|\bMOTO_SERVER\b|\bmoto_server\b")  # mlflow, S3
-# Tests (ids without parameters) that start neither but take over ~8 s on a 2-core machine (all their parameters
-# together), or whose module fixture does: ``slow``, which ``make test-fast`` leaves out as well (and runs in about
-# 2 minutes). Measured under pytest-xdist's two workers.
-SLOW_TESTS = frozenset(
-    {
-        "test_blip.py::test_decoder_overfits_captions_of_16_images",  # minutes
-        "test_blip.py::test_box_head_fits_the_boxes_of_16_images",
-        "test_blip.py::test_each_kind_of_row_trains_two_steps_with_finite_losses",
-        "test_blip.py::test_image_text_configs_load_and_build",
-        "test_recipes.py::test_bf16_autocast_on_cpu_trains_in_bfloat16_and_learns",
-        "test_security_defaults.py::test_every_job_and_benchmark_imports_pretrainlab_before_ray",
-        "test_scenes.py::test_a_question_only_model_stays_near_chance",  # the 4,000-image `large` fixture
-        "test_scenes.py::test_compositional_split_holds_only_held_out_combinations",  # the same
-        "test_backbones.py::test_family_forward_backward_gives_feature_width",
-        "test_backbones.py::test_stem_stride_sets_feature_map_side",
-        "test_prepare_data_hostile.py::test_every_annotation_field_takes_every_hostile_value",
-        "test_generation_eval.py::test_evaluate_job_reports_the_task_metrics_of_a_blip_checkpoint",
-        "test_generation_eval.py::test_ranked_answers_are_the_most_likely_of_the_vocabulary_for_their_own_image",
-        "test_analysis_visual.py::test_onnx_vit_features_cli",
-        # two gloo worker processes against one
-        "test_clip.py::test_two_workers_match_one_on_the_whole_batch_with_and_without_hard_negatives",
-        "test_ssl_contrastive.py::test_two_workers_match_one_on_the_whole_batch",
-        "test_ssl_dino.py::test_two_workers_match_one_on_the_whole_batch",
-        "test_ssl_siamese.py::test_barlow_twins_on_two_workers_matches_one_worker_on_the_whole_batch",
-    }
-)
-
-
-@functools.cache
-def _source_of(thing) -> str:
-    try:
-        return inspect.getsource(thing)
-    except (OSError, TypeError):
-        return ""
-
-
-def _sources(item: pytest.Item) -> list[str]:
-    function = getattr(item, "function", None)
-    if function is None:
-        return []
-    found = [_source_of(function)]
-    for definitions in item._fixtureinfo.name2fixturedefs.values():
-        found += [_source_of(definition.func) for definition in definitions]
-    space = vars(inspect.getmodule(function) or object())
-    for name in function.__code__.co_names:  # the module's helpers and scripts that the test names
-        value = space.get(name)
-        if isinstance(value, str):
-            found.append(value)
-        elif inspect.isfunction(value) and value.__module__ == function.__module__:
-            found.append(_source_of(value))
-    return found
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Marks ``needs_ray`` and ``needs_server`` (registered in pyproject.toml) on the tests that start them, and
-    ``slow`` on SLOW_TESTS."""
-    for item in items:
-        if f"{item.path.name}::{getattr(item, 'originalname', item.name)}" in SLOW_TESTS:
-            item.add_marker(pytest.mark.slow)
-        names, sources = set(item.fixturenames), _sources(item)
-        if names & RAY_FIXTURES or any(STARTS_RAY.search(source) for source in sources):
-            item.add_marker(pytest.mark.needs_ray)
-        if names & SERVER_FIXTURES or any(STARTS_SERVER.search(source) for source in sources):
-            item.add_marker(pytest.mark.needs_server)
-
-
-# When a run leaves those tests out (``-m "not needs_ray and not needs_server"``), a test that starts Ray in this
-# process or a server through start_server / start_ray_node anyway fails and says which marker it lacks.
+# --- Markers: ``needs_ray``, ``needs_server`` and ``slow`` (pyproject.toml) are set in the test files ---------------
+# ``make test-fast`` leaves those tests out. When a run does, a test that starts Ray in this process or a server
+# through start_server / start_ray_node anyway fails and names the marker it lacks.
 _guard = {"active": False, "item": None}
 
 
@@ -373,7 +297,7 @@ def _heavy(what: str, marker: str, start):
         if _guard["active"] and item is not None and item.get_closest_marker(marker) is None:
             pytest.fail(
                 f"{item.nodeid} starts {what} but is not marked {marker}: "
-                f"add @pytest.mark.{marker}, or teach tests/conftest.py's markers about it",
+                f"add @pytest.mark.{marker} to it (or pytestmark to its module)",
                 pytrace=False,
             )
         return start(*args, **kwargs)
@@ -388,8 +312,6 @@ start_ray_node = _heavy("a Ray node (start_ray_node)", "needs_ray", start_ray_no
 def pytest_configure(config: pytest.Config) -> None:
     expression = config.getoption("markexpr", "") or ""
     if re.search(r"not\s+needs_(ray|server)", expression):
-        import ray
-
         _guard["active"] = True
         ray.init = _heavy("Ray (ray.init)", "needs_ray", ray.init)
 

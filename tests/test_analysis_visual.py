@@ -203,6 +203,7 @@ def test_onnx_classifier_matches_pytorch(checkpoints, tmp_path):
     np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_onnx_vit_features_cli(checkpoints, tmp_path, capsys):
     out = tmp_path / "vit-features.onnx"
     assert export.main([str(checkpoints["vit"]), "--out", str(out), "--features"]) == 0

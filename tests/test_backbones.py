@@ -50,6 +50,7 @@ def test_timm_test_models_are_installed():
     assert {"test_resnet", "test_vit", "test_convnext", "test_efficientnet"} <= set(timm.list_models("test_*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("backbone", "kwargs", "in_chans", "width"), FAMILIES, ids=[f[0] for f in FAMILIES])
 def test_family_forward_backward_gives_feature_width(backbone, kwargs, in_chans, width):
     torch.manual_seed(0)
@@ -76,6 +77,7 @@ STEM_SIDES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("backbone", "sides"), STEM_SIDES, ids=[s[0] for s in STEM_SIDES])
 def test_stem_stride_sets_feature_map_side(backbone, sides):
     assert {stride: _feature_map_side(backbone, stride) for stride in sides} == sides

@@ -167,6 +167,7 @@ def test_beam_search_keeps_unfinished_hypotheses_after_finished_ones_and_respect
 # --- the model ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["retrieval", "caption", "vqa", "grounding"])
 def test_each_kind_of_row_trains_two_steps_with_finite_losses(scenes, task):
     torch.manual_seed(0)
@@ -187,6 +188,7 @@ def test_each_kind_of_row_trains_two_steps_with_finite_losses(scenes, task):
     assert tuple(model.eval().validation_metrics(batch)[0]) == model.validation_names == ("lm_loss",)
 
 
+@pytest.mark.slow
 def test_decoder_overfits_captions_of_16_images(scenes):
     """After 120 steps on 16 images, a caption costs less with its own image than with another's."""
     torch.manual_seed(0)
@@ -387,6 +389,7 @@ def test_box_head_reads_the_box_off_a_cell_and_is_taught_the_cell_of_the_centre(
     assert ((boxes >= 0) & (boxes <= 1)).all() and 0 < probability.item() <= 1
 
 
+@pytest.mark.slow
 def test_box_head_fits_the_boxes_of_16_images(scenes):
     """After 60 steps on 16 images, the box head finds most of their objects (IoU >= 0.5), which it did not at
     the start."""
@@ -485,6 +488,7 @@ def test_prompts_sharing_an_image_generate_and_ground_as_with_one_image_copy_eac
 IMAGE_TEXT_CONFIGS = sorted(p.name for p in CONFIGS.glob("*_scenes*.yaml"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", IMAGE_TEXT_CONFIGS)
 def test_image_text_configs_load_and_build(name):
     cfg = load_config(CONFIGS / name)

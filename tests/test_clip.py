@@ -239,6 +239,7 @@ def _half_batch(rank: int, world: int) -> dict[str, dict]:
     return _losses_and_grads(*(t.chunk(world)[rank] for t in (*_features(), *_negatives())), rank, world)
 
 
+@pytest.mark.slow
 def test_two_workers_match_one_on_the_whole_batch_with_and_without_hard_negatives():
     per_worker = on_gloo_workers(_half_batch, world=WORLD)
     single = _losses_and_grads(*_features(), *_negatives(), rank=0, world=1)

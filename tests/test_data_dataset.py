@@ -42,6 +42,7 @@ def _batch(images: list[bytes], image_format: str, h: int, w: int, c: int) -> di
     }
 
 
+@pytest.mark.needs_ray
 def test_read_split_decodes_the_original_images(local_ray, dataset):
     path, originals = dataset
     ds = read_split(path, "train")
@@ -53,6 +54,7 @@ def test_read_split_decodes_the_original_images(local_ray, dataset):
     assert seen == N
 
 
+@pytest.mark.needs_ray
 def test_split_in_two_is_disjoint_and_complete(local_ray, dataset):
     path, _ = dataset
     parts = read_split(path, "train").split(2, equal=True)

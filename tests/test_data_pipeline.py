@@ -18,6 +18,8 @@ from pretrainlab.data.pipeline import Preprocessor, training_batches
 from pretrainlab.data.shards import raw_classification_table, write_dataset
 from pretrainlab.train.trainer import build_datasets
 
+pytestmark = pytest.mark.needs_ray
+
 ROWS = 96
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
 

@@ -122,6 +122,7 @@ def test_vqa_answers_every_question_and_the_baseline_sees_a_blank_image(scenes):
     assert metrics["exact_match"] < 100.0  # this seed's model answers some questions differently about real images
 
 
+@pytest.mark.slow
 def test_ranked_answers_are_the_most_likely_of_the_vocabulary_for_their_own_image(scenes):
     cfg, model = tiny_blip(scenes["vqa"])
     images, annotations = load_split_annotated(scenes["vqa"], "test")
@@ -233,6 +234,7 @@ def blip_checkpoint(folder, task: str, out, **params):
     return save_checkpoint(out / task / "checkpoint", model.state_dict(), checkpoint_meta(cfg, info, 1, 2, {}, None))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("task", "names"),
     [

@@ -12,6 +12,8 @@ from conftest import CONFIGS
 from pretrainlab.data.scenes import write_scenes
 from pretrainlab.tracking.mlflow import RUN_NAME_TAG
 
+pytestmark = pytest.mark.needs_ray
+
 TINY_TOWERS = {
     "clip": {"embed_dim": 16, "text_width": 16, "text_layers": 1, "text_heads": 2},
     "blip": {"embed_dim": 16, "width": 16, "text_layers": 1, "decoder_layers": 1, "heads": 2},

@@ -14,6 +14,8 @@ from mlflow import MlflowClient
 
 from conftest import REPO, MlflowServer, start_ray_node, stop, wait_for
 
+pytestmark = [pytest.mark.needs_ray, pytest.mark.needs_server]
+
 BIN = Path(sys.executable).parent
 
 

@@ -12,6 +12,8 @@ from mlflow.exceptions import MlflowException
 from conftest import MlflowServer
 from pretrainlab.tracking.mlflow import MetricLogger, TrackingError, check_tracking, client_for, start_or_resume_run
 
+pytestmark = pytest.mark.needs_server
+
 ADMIN = ("admin", "admin-password-for-tests")
 TRAINER = ("trainer", "trainer-password-for-tests")
 SEARCH = "/api/2.0/mlflow/experiments/search"

@@ -26,6 +26,8 @@ from psycopg2 import sql
 from conftest import BUCKET, CONFIGS, MlflowServer, free_port
 from pretrainlab.tracking.mlflow import RUN_NAME_TAG
 
+pytestmark = pytest.mark.needs_server
+
 CONFIG = str(CONFIGS / "test-resnet_2xb32_digits.yaml")
 ASHA = str(CONFIGS / "sweeps" / "test-resnet_digits_asha.yaml")
 MODEL = "digits-classifier"
@@ -159,6 +161,7 @@ def rows(postgres: Postgres, query: str, *args) -> list[tuple]:
     return found
 
 
+@pytest.mark.needs_ray
 def test_train_sweep_promote_through_a_postgres_backed_server(_ray, team, postgres, tmp_path, capsys):
     import pretrain as pretrain_job
     import promote as promote_job  # jobs/ is on sys.path through conftest

@@ -15,11 +15,14 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from mlflow import MlflowClient
 
 from conftest import CONFIGS, REPO
 from pretrainlab.checkpoint import load_checkpoint
 from pretrainlab.tracking.mlflow import RUN_NAME_TAG
+
+pytestmark = pytest.mark.needs_ray
 
 
 def in_loopback_namespace(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -196,6 +196,7 @@ def _edited(doc: Any, path: tuple, value: Any, delete: bool = False) -> Any:
     return doc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", JSON_SOURCES)
 def test_every_annotation_field_takes_every_hostile_value(fmt, tmp_path):
     root = tmp_path / "root"

@@ -16,6 +16,8 @@ from pretrainlab.data.catalog import dataset_info
 from pretrainlab.tracking.mlflow import RUN_NAME_TAG
 from pretrainlab.train.loop import TrainingDiverged, finite_mean_loss, steps_per_epoch
 
+pytestmark = pytest.mark.needs_ray
+
 CONFIG = str(CONFIGS / "test-resnet_2xb32_digits.yaml")
 
 

@@ -57,6 +57,7 @@ def stepper_for(model, optim: OptimConfig, train: TrainConfig, ema=None) -> Step
     return Stepper(model, optimizer, scheduler, train, CPU, ema=ema)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_on_cpu_trains_in_bfloat16_and_learns():
     model = vit_classifier()
     seen = []

@@ -17,6 +17,8 @@ from pretrainlab.data.catalog import dataset_dir
 from pretrainlab.data.dataset import load_split_numpy
 from pretrainlab.tracking.mlflow import RUN_NAME_TAG
 
+pytestmark = pytest.mark.needs_server
+
 CONFIG = str(CONFIGS / "test-resnet_2xb32_digits.yaml")
 
 
@@ -47,6 +49,7 @@ def keys(prefix: str) -> list[str]:
     return sorted(item["Key"].removeprefix(prefix) for page in pages for item in page.get("Contents", []))
 
 
+@pytest.mark.needs_ray
 def test_shards_checkpoints_and_artifacts_on_s3_and_resume(project, s3, mlflow_server, ray_on_s3, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     data = f"s3://{BUCKET}/data/digits"

@@ -320,6 +320,7 @@ def test_caption_kind_names_the_form_of_every_caption_and_negative(small):
         caption_kind("a cat on a mat")
 
 
+@pytest.mark.slow
 def test_compositional_split_holds_only_held_out_combinations(large):
     held_out = {tuple(c) for c in load_manifest(large["caption"])["metadata"]["held_out"]}
     assert held_out == held_out_combinations(0)
@@ -334,6 +335,7 @@ def test_compositional_split_holds_only_held_out_combinations(large):
             assert bool(combos & held_out) == (split == "test_compositional"), (split, combos)
 
 
+@pytest.mark.slow
 def test_a_question_only_model_stays_near_chance(large):
     """Bound: a model that learns the majority answer on train per question type, or per question
     template (attribute words masked), scores on test at most chance + 10 points, where chance is one

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 LOOPBACK = {"127.0.0.1", "::1"}
@@ -84,6 +86,7 @@ def unexported_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.needs_ray
 def test_a_local_ray_listens_on_loopback_only():
     env = unexported_env()
     run = subprocess.run(
@@ -95,6 +98,7 @@ def test_a_local_ray_listens_on_loopback_only():
     assert set(addresses) <= LOOPBACK, addresses
 
 
+@pytest.mark.slow
 def test_every_job_and_benchmark_imports_pretrainlab_before_ray():
     """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, on import; pretrainlab sets it, so it must come first.
     Each job or benchmark script is imported in a fresh child process of its own, forked from one that holds

@@ -131,12 +131,14 @@ def digits_test(served):
     return images[:, 0], labels  # N x 8 x 8 uint8
 
 
+@pytest.mark.needs_ray
 def test_healthz_needs_no_token(served):
     answer = served.http.get("/healthz")
     assert answer.status_code == 200
     assert answer.json() == {"status": "ok", "models": ["digits", "pinned", "missing"]}
 
 
+@pytest.mark.needs_ray
 def test_auth_on_and_off(served, digits_test):
     image = b64(png(digits_test[0][0]))
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
@@ -149,6 +151,7 @@ def test_auth_on_and_off(served, digits_test):
     assert served.http.post("/open/v1/classify", json={"image_base64": image}).status_code == 200
 
 
+@pytest.mark.needs_ray
 def test_classify_matches_the_inference_api(served, digits_test):
     images, _ = digits_test
     model = pretrainlab.get_model(str(served.checkpoint), device="cpu")
@@ -172,6 +175,7 @@ def test_classify_matches_the_inference_api(served, digits_test):
         assert len(got["pred_scores"]) == 10 and sum(got["pred_scores"]) == pytest.approx(1, abs=1e-4)
 
 
+@pytest.mark.needs_ray
 def test_concurrent_requests_are_batched_per_model_with_their_own_top_k(served, digits_test):
     images, _ = digits_test
     model = pretrainlab.get_model(str(served.checkpoint), device="cpu")
@@ -193,6 +197,7 @@ def test_concurrent_requests_are_batched_per_model_with_their_own_top_k(served, 
         assert [t["label"] for t in got["pred_topk"]] == [t["label"] for t in expected[i]["pred_topk"][: 1 + i % 5]]
 
 
+@pytest.mark.needs_ray
 def test_embed_and_retrieve(served, digits_test):
     images, _ = digits_test
     answer = served.http.post("/v1/embed", json={"image_base64": b64(png(images[3]))}, headers=AUTH)
@@ -212,6 +217,7 @@ def test_embed_and_retrieve(served, digits_test):
     assert answer.status_code == 404 and "gallery" in answer.json()["error"]
 
 
+@pytest.mark.needs_ray
 def test_models_lists_versions_and_metrics(served):
     answer = served.http.get("/v1/models", headers=AUTH)
     assert answer.status_code == 200
@@ -259,6 +265,7 @@ def bad_requests(image: bytes) -> list[tuple[str, dict, int, str]]:
     ]
 
 
+@pytest.mark.needs_ray
 def test_bad_inputs_get_4xx_json_and_the_replica_survives(served, digits_test):
     image = png(digits_test[0][0])
     cases = bad_requests(image)
@@ -304,6 +311,7 @@ FUZZ = settings(
 )
 
 
+@pytest.mark.needs_ray
 @FUZZ
 @given(path=st.sampled_from(IMAGE_ROUTES), body=bodies)
 def test_fuzzed_json_bodies_never_get_5xx(served, path, body):
@@ -313,6 +321,7 @@ def test_fuzzed_json_bodies_never_get_5xx(served, path, body):
         assert isinstance(answer.json()["error"], str)
 
 
+@pytest.mark.needs_ray
 @FUZZ
 @given(path=st.sampled_from(IMAGE_ROUTES), raw=st.binary(max_size=200))
 def test_fuzzed_raw_json_bodies_never_get_5xx(served, path, raw):
@@ -321,6 +330,7 @@ def test_fuzzed_raw_json_bodies_never_get_5xx(served, path, raw):
     assert answer.status_code == 422 and isinstance(answer.json()["error"], str)
 
 
+@pytest.mark.needs_ray
 @FUZZ
 @given(
     path=st.sampled_from(IMAGE_ROUTES),
@@ -336,6 +346,7 @@ def test_fuzzed_multipart_fields_never_get_5xx(served, path, fields, upload):
     assert 400 <= answer.status_code and isinstance(answer.json()["error"], str)
 
 
+@pytest.mark.needs_ray
 def test_alias_move_swaps_the_version_without_failed_requests(served, digits_test):
     image = b64(png(digits_test[0][0]))
     failures, versions, stop = [], [], threading.Event()
@@ -370,6 +381,7 @@ def test_alias_move_swaps_the_version_without_failed_requests(served, digits_tes
     assert listed["digits"]["version"] == "2" and listed["pinned"]["version"] == "1"
 
 
+@pytest.mark.needs_ray
 def test_a_model_that_cannot_load_answers_503(served, digits_test):
     answer = served.http.post(
         "/v1/classify", json={"image_base64": b64(png(digits_test[0][0])), "model": "missing"}, headers=AUTH
@@ -378,6 +390,7 @@ def test_a_model_that_cannot_load_answers_503(served, digits_test):
     assert "unavailable" in answer.json()["error"] and "no-such-model" in answer.json()["error"]
 
 
+@pytest.mark.needs_ray
 def test_a_full_queue_answers_503(served, digits_test):
     """The open app's model replica takes 2 requests at a time and queues 1: a burst of 24 gets some 503s,
     no 5xx else. The ingress answers them as JSON, or Serve's proxy as plain text past what the ingress
@@ -426,6 +439,7 @@ def test_args_are_checked():
         ServeArgs(models={})
 
 
+@pytest.mark.needs_ray
 def test_reconfigure_re_resolves_aliases_at_once(served):
     """What a redeploy with a changed ``user_config`` runs: the alias is re-resolved before it returns."""
     from ray import serve

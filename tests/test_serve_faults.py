@@ -26,6 +26,8 @@ from pretrainlab.config import load_config
 from pretrainlab.data.builtin import prepare_builtin
 from pretrainlab.data.dataset import load_split_numpy
 
+pytestmark = pytest.mark.needs_ray
+
 sys.path.insert(0, str(REPO))  # the serve/ application folder, as `serve run` from the repository root sees it
 
 APP = "faults"

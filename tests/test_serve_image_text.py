@@ -23,6 +23,8 @@ from pretrainlab.data.dataset import load_split_annotated
 from pretrainlab.data.scenes import write_scenes
 from pretrainlab.strategies import get_strategy
 
+pytestmark = pytest.mark.needs_ray
+
 sys.path.insert(0, str(REPO))  # the serve/ application folder, as `serve run` from the repository root sees it
 
 TINY_BLIP = {"embed_dim": 16, "width": 16, "text_layers": 1, "decoder_layers": 1, "heads": 2}

@@ -117,6 +117,7 @@ def _half_batch(rank: int, world: int) -> dict[str, torch.Tensor]:
     return _losses_and_grads(a, b)
 
 
+@pytest.mark.slow
 def test_two_workers_match_one_on_the_whole_batch():
     per_worker = on_gloo_workers(_half_batch, world=WORLD)
     single = _losses_and_grads(*_embeddings())

@@ -207,6 +207,7 @@ def _loss_grad_center(rows: slice) -> dict[str, torch.Tensor]:
     return {"loss": mean_loss, "grad": grad, "center": updated_center(center, teacher, 0.9)}
 
 
+@pytest.mark.slow
 def test_two_workers_match_one_on_the_whole_batch():
     single = _loss_grad_center(rows=slice(0, 8))
     for workers in on_gloo_workers(_half_batch):

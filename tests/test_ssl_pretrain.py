@@ -11,6 +11,8 @@ from conftest import CONFIGS
 from pretrainlab.checkpoint import load_checkpoint
 from pretrainlab.tracking.mlflow import RUN_NAME_TAG
 
+pytestmark = pytest.mark.needs_ray
+
 TWO_VIEWS = [{"count": 2, "pipeline": [{"type": "RandomResizedCrop", "size": 8, "scale": [0.5, 1.0]}]}]
 TINY_CNN = {"backbone": "test_resnet", "stem_stride": 1}
 TINY_VIT = {"backbone": "test_vit", "backbone_kwargs": {"img_size": 8, "patch_size": 2}}

@@ -191,6 +191,7 @@ def _barlow_half_batch(rank: int, world: int, z1: torch.Tensor, z2: torch.Tensor
     return {"loss": loss.detach(), "grad1": a.grad, "grad2": b.grad}
 
 
+@pytest.mark.slow
 def test_barlow_twins_on_two_workers_matches_one_worker_on_the_whole_batch():
     generator = torch.Generator().manual_seed(0)
     z1 = torch.randn(8, 5, generator=generator) * 2 + 1

@@ -120,6 +120,7 @@ def runs_of(client: MlflowClient, experiment: str = "digits"):
     return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
 
 
+@pytest.mark.needs_ray
 def test_asha_sweep_tracks_every_trial_stops_bad_ones_and_survives_a_failed_one(_ray, project, capsys):
     # two learning rates that learn and two that cannot: ASHA must stop at least one early; a fifth diverges
     # (its loss turns NaN within a few steps, which fails the trial) and the sweep goes on
@@ -175,6 +176,7 @@ def test_asha_sweep_tracks_every_trial_stops_bad_ones_and_survives_a_failed_one(
     assert client.get_model_version_by_alias("digits-sweep", "champion").run_id == best_child.info.run_id
 
 
+@pytest.mark.needs_ray
 def test_pbt_exploits_are_recorded_in_mlflow(_ray, project):
     assert run_sweep(PBT, "pbt") == 0
     client = MlflowClient()

@@ -40,6 +40,7 @@ def _history(uri: str, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client_for(uri).get_metric_history(run_id, key))
 
 
+@pytest.mark.needs_server
 def test_metrics_logged_while_the_server_is_down_are_flushed_when_it_returns(servers, tmp_path, capsys):
     server = servers().start()
     run_id = _new_run(server.uri)
@@ -68,6 +69,7 @@ def test_metrics_logged_while_the_server_is_down_are_flushed_when_it_returns(ser
     assert not (tmp_path / "outbox" / f"{'0' * 32}.jsonl").exists()
 
 
+@pytest.mark.needs_server
 def test_metrics_queued_when_the_server_never_returns_are_replayed_by_the_command(servers, tmp_path, capsys):
     first = servers().start()
     run_id = _new_run(first.uri)

@@ -23,6 +23,8 @@ from pretrainlab.data.catalog import dataset_info
 from pretrainlab.tracking.mlflow import RUN_NAME_TAG
 from pretrainlab.train.loop import steps_per_epoch
 
+pytestmark = pytest.mark.needs_ray
+
 CONFIG = str(CONFIGS / "test-resnet_2xb32_digits.yaml")
 BATCH = 8
 EPOCHS = 3

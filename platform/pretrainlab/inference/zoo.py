@@ -239,7 +239,9 @@ def _registered_checkpoint(name: str, path: Path, cfg: ExperimentConfig) -> str:
     model = cfg.runtime.registered_model
     if not model:
         raise ValueError(f"{name}: {path} sets no runtime.registered_model; give pretrained=CHECKPOINT instead")
-    return _served_uri(model, cfg.runtime.tracking_uri, f"; train it first: python jobs/pretrain.py {path}")
+    return _pinned_uri(
+        f"models:/{model}", cfg.runtime.tracking_uri, f"; train it first: python jobs/pretrain.py {path}"
+    )
 
 
 def _checkpoint_model(name: str, source: str, device: torch.device, tracking_uri: str | None = None) -> nn.Module:
@@ -257,11 +259,6 @@ def _checkpoint_model(name: str, source: str, device: torch.device, tracking_uri
     )
     loaded.model.info = info
     return loaded.model
-
-
-def _served_uri(model: str, tracking_uri: str | None, hint: str = "") -> str:
-    """``models:/MODEL/VERSION`` of the version a bare ``models:/MODEL`` names now (champion, else latest)."""
-    return _pinned_uri(f"models:/{model}", tracking_uri, hint)
 
 
 def _pinned_uri(source: str, tracking_uri: str | None, hint: str = "") -> str:
